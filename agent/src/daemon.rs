@@ -1,0 +1,219 @@
+//! The long-running agent: D-Bus connection, gRPC server, state monitor, sd-notify and
+//! signal handling. Shutdown is done once: SIGTERM flips a watch channel that ends the
+//! streams, stops accepting, and lets in-flight RPCs finish.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use distcc_proto::v1::distcc_agent_server::DistccAgentServer;
+use futures_util::StreamExt;
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::AgentConfig;
+use crate::service::{AgentService, TokenAuth};
+use crate::systemd::SystemdUnit;
+use crate::unit_control::UnitControl;
+use crate::worker::Worker;
+
+/// How long in-flight RPCs may take to finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn notify(states: &[NotifyState<'_>]) {
+    // Outside systemd there is no NOTIFY_SOCKET and this is a no-op.
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// Run the agent until SIGTERM/SIGINT.
+pub async fn run(config_path: PathBuf) -> Result<()> {
+    let config = AgentConfig::load(&config_path).context("loading the agent config")?;
+    let listen = config.listen;
+    let tls = config.tls.clone();
+    let unit = SystemdUnit::connect(&config.unit, config.job_timeout)
+        .await
+        .with_context(|| format!("connecting to systemd over D-Bus for {}", config.unit))?;
+    let worker = Arc::new(Worker::new(unit, config));
+    worker.refresh_state().await.context("reading distccd's unit state")?;
+
+    match worker.first_start().await {
+        Ok(true) => tracing::info!("first start: persisted the configured settings and bootstrapped distccd"),
+        Ok(false) => {}
+        // Keep serving: the operator needs Status and Validate to see what is wrong.
+        Err(e) => tracing::error!("bootstrapping distccd failed: {e}"),
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let heartbeat = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+
+    let monitor = tokio::spawn(monitor_unit(
+        worker.clone(),
+        health.clone(),
+        heartbeat.clone(),
+        started,
+        shutdown_rx.clone(),
+    ));
+    let watchdog = tokio::spawn(feed_watchdog(heartbeat, started, shutdown_rx.clone()));
+
+    let auth = {
+        let worker = worker.clone();
+        TokenAuth::new(move || worker.config().token.clone())
+    };
+    let service = DistccAgentServer::with_interceptor(AgentService::new(worker.clone(), shutdown_rx.clone()), move |r| {
+        auth.check(r)
+    });
+    let mut builder = Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(load_tls(tls).context("loading TLS material")?).context("configuring TLS")?;
+    }
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    tracing::info!(%listen, tls = tls.is_some(), "serving gRPC");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut server_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(
+        builder
+            .add_service(health_service)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = server_shutdown.wait_for(|stop| *stop).await;
+            }),
+    );
+
+    // Listener bound and D-Bus connected: only now is the agent ready.
+    let line = worker.status_line().await;
+    notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => reload(&worker, &config_path).await,
+        }
+    }
+
+    tracing::info!("stopping: finishing in-flight requests");
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping: finishing in-flight requests")]);
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+        Ok(joined) => joined.context("server task")?.context("gRPC server")?,
+        Err(_) => tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}"),
+    }
+    monitor.abort();
+    watchdog.abort();
+    Ok(())
+}
+
+async fn reload<U: UnitControl>(worker: &Worker<U>, path: &Path) {
+    notify(&[NotifyState::Reloading]);
+    match AgentConfig::load(path) {
+        Ok(config) => {
+            if config.listen != worker.config().listen {
+                tracing::warn!("listen address changed; it takes effect on restart");
+            }
+            match worker.reload(config).await {
+                Ok(Some(outcome)) => tracing::info!(settings = ?outcome.applied, "reloaded; applied new [distccd] settings"),
+                Ok(None) => tracing::info!("reloaded {}", path.display()),
+                Err(e) => tracing::error!("reloaded, but applying [distccd] failed: {e}"),
+            }
+        }
+        Err(e) => tracing::error!("reload refused, keeping the running config: {e}"),
+    }
+    let line = worker.status_line().await;
+    notify(&[NotifyState::Ready, NotifyState::Status(&line)]);
+}
+
+/// Follows distccd's unit: on every D-Bus PropertiesChanged signal and at least every
+/// few seconds it re-reads the state, publishes it to WatchStatus streams, updates the
+/// health service and the STATUS= line, and records a heartbeat for the watchdog.
+async fn monitor_unit<U: UnitControl>(
+    worker: Arc<Worker<U>>,
+    health: HealthReporter,
+    heartbeat: Arc<AtomicU64>,
+    started: Instant,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let tick = watchdog_interval().map_or(worker.config().status_interval, |w| w.min(worker.config().status_interval));
+    let mut changes = match worker.unit().changes().await {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            tracing::error!("cannot follow unit changes, polling only: {e}");
+            None
+        }
+    };
+    let mut last_line = String::new();
+    loop {
+        match worker.refresh_state().await {
+            Ok(state) => {
+                heartbeat.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                let serving = if state.is_active() { ServingStatus::Serving } else { ServingStatus::NotServing };
+                health.set_service_status("", serving).await;
+                health.set_service_status(distcc_proto::SERVICE_NAME, serving).await;
+                let line = worker.status_line().await;
+                if line != last_line {
+                    notify(&[NotifyState::Status(&line)]);
+                    last_line = line;
+                }
+            }
+            Err(e) => tracing::warn!("reading distccd's state: {e}"),
+        }
+        let next_change = async {
+            match changes.as_mut() {
+                Some(stream) => {
+                    stream.next().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = next_change => {}
+            () = tokio::time::sleep(tick) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// Half of WatchdogSec, when systemd asked for a watchdog.
+fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().map(|timeout| timeout / 2)
+}
+
+/// Pings the watchdog only while the monitor loop keeps completing D-Bus round trips:
+/// if the agent wedges, systemd restarts it.
+async fn feed_watchdog(heartbeat: Arc<AtomicU64>, started: Instant, mut shutdown: watch::Receiver<bool>) {
+    let Some(half) = watchdog_interval() else { return };
+    loop {
+        let last = Duration::from_millis(heartbeat.load(Ordering::Relaxed));
+        let age = started.elapsed().saturating_sub(last);
+        if age < half * 2 {
+            notify(&[NotifyState::Watchdog]);
+        } else {
+            tracing::warn!("monitor loop silent for {age:?}; not feeding the watchdog");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(half / 2) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+fn load_tls(tls: &crate::config::TlsConfig) -> Result<ServerTlsConfig> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    if let Some(ca) = &tls.client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
+}

@@ -1,0 +1,653 @@
+//! The worker: what every RPC does, independent of gRPC plumbing. Generic over
+//! [`UnitControl`] so its logic runs against real systemd in the test-bed and against a
+//! fake in unit tests.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use distcc_proto::v1 as pb;
+use thiserror::Error;
+use tokio::sync::{Mutex, watch};
+
+use crate::capacity::Capacity;
+use crate::compilers::{CompilerCatalog, first_line_of};
+use crate::config::AgentConfig;
+use crate::listening::is_listening;
+use crate::settings::{DistccdSettings, InvalidSetting, parse_cidr};
+use crate::settings_store::{SettingsStore, StoreError};
+use crate::stats::DistccdStats;
+use crate::unit_control::{UnitControl, UnitError, UnitState};
+
+const STATS_TIMEOUT: Duration = Duration::from_secs(2);
+const JOURNAL_LINES: usize = 15;
+/// Compilers a worker must offer for kernel builds; checked by Validate.
+pub const REQUIRED_COMPILERS: [&str; 2] = ["gcc", "g++"];
+/// Validate warns below this much free space in distccd's TMPDIR.
+pub const MIN_FREE_TMP_BYTES: u64 = 1 << 30;
+
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidSetting),
+    #[error("{0}")]
+    Precondition(String),
+    #[error(transparent)]
+    Unit(#[from] UnitError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// distccd did not come up with the new settings; the previous ones are back.
+    #[error("{reason}; restored the previous settings ({restored}). distccd's last log lines:\n{journal}")]
+    RolledBack { reason: String, restored: String, journal: String },
+}
+
+/// A partial update of the settings: `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct SettingsUpdate {
+    pub allow: Option<Vec<String>>,
+    pub jobs: Option<u32>,
+    pub nice: Option<i32>,
+    pub listen: Option<String>,
+    pub port: Option<u32>,
+    pub stats: Option<bool>,
+    pub stats_port: Option<u32>,
+    pub job_lifetime_secs: Option<u32>,
+}
+
+impl SettingsUpdate {
+    /// The full settings in `base` plus this update; errors name the request field.
+    pub fn apply_to(&self, base: &DistccdSettings) -> Result<DistccdSettings, InvalidSetting> {
+        let mut next = base.clone();
+        if let Some(allow) = &self.allow {
+            next.allow = allow
+                .iter()
+                .enumerate()
+                .map(|(i, cidr)| parse_cidr(cidr).map_err(|m| InvalidSetting::new(format!("allow[{i}]"), m)))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(jobs) = self.jobs {
+            next.jobs = jobs;
+        }
+        if let Some(nice) = self.nice {
+            next.nice = nice;
+        }
+        if let Some(listen) = &self.listen {
+            next.listen = listen
+                .parse()
+                .map_err(|_| InvalidSetting::new("listen", format!("{listen:?} is not an IP address")))?;
+        }
+        let port = |value: u32, field: &str| {
+            u16::try_from(value)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| InvalidSetting::new(field, format!("{value} is not a port (1..=65535)")))
+        };
+        if let Some(p) = self.port {
+            next.port = port(p, "port")?;
+        }
+        if let Some(stats) = self.stats {
+            next.stats = stats;
+        }
+        if let Some(p) = self.stats_port {
+            next.stats_port = port(p, "stats_port")?;
+        }
+        if let Some(secs) = self.job_lifetime_secs {
+            next.job_lifetime_secs = secs;
+        }
+        Ok(next)
+    }
+}
+
+/// Summary of a successful Configure.
+#[derive(Debug, Clone)]
+pub struct ConfigureOutcome {
+    pub previous: DistccdSettings,
+    pub applied: DistccdSettings,
+    pub changed: bool,
+    pub unit: UnitState,
+}
+
+pub struct Worker<U: UnitControl> {
+    unit: U,
+    config: RwLock<Arc<AgentConfig>>,
+    store: SettingsStore,
+    catalog: CompilerCatalog,
+    /// Serialises operations that change distccd, so two Configures cannot interleave
+    /// their write-restart-rollback sequences.
+    ops: Mutex<()>,
+    state: watch::Sender<UnitState>,
+    hostname: String,
+}
+
+impl<U: UnitControl> Worker<U> {
+    pub fn new(unit: U, config: AgentConfig) -> Self {
+        let store = SettingsStore::new(config.env_file());
+        Self {
+            unit,
+            config: RwLock::new(Arc::new(config)),
+            store,
+            catalog: CompilerCatalog::default(),
+            ops: Mutex::new(()),
+            state: watch::Sender::new(UnitState::default()),
+            hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        }
+    }
+
+    pub fn config(&self) -> Arc<AgentConfig> {
+        self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub fn unit(&self) -> &U {
+        &self.unit
+    }
+
+    /// Latest unit state seen, updated by [`Self::refresh_state`].
+    pub fn subscribe_state(&self) -> watch::Receiver<UnitState> {
+        self.state.subscribe()
+    }
+
+    /// Re-read the unit state from systemd and publish it when it changed.
+    pub async fn refresh_state(&self) -> Result<UnitState, UnitError> {
+        let state = self.unit.state().await?;
+        self.state.send_if_modified(|old| {
+            let changed = *old != state;
+            *old = state.clone();
+            changed
+        });
+        Ok(state)
+    }
+
+    /// The settings in effect: persisted ones, else the config's defaults.
+    pub fn current_settings(&self) -> Result<DistccdSettings, StoreError> {
+        Ok(self.store.load()?.unwrap_or_else(|| self.config().distccd.clone()))
+    }
+
+    /// Whether an allowlist is configured at all (the shipped default config has none).
+    pub fn has_allowlist(&self) -> bool {
+        self.current_settings().is_ok_and(|s| !s.allow.is_empty())
+    }
+
+    /// First start of the agent on this host: persist the configured settings and
+    /// bootstrap distccd. Later starts leave distccd alone, so restarting or upgrading
+    /// the agent never interrupts compiles.
+    pub async fn first_start(&self) -> Result<bool, WorkerError> {
+        if self.store.load()?.is_some() {
+            return Ok(false);
+        }
+        let defaults = self.config().distccd.clone();
+        if defaults.allow.is_empty() {
+            return Ok(false);
+        }
+        let _guard = self.ops.lock().await;
+        self.store.save(&defaults)?;
+        self.unit.enable().await?;
+        self.unit.start().await?;
+        self.wait_serving(&defaults).await.map_err(WorkerError::Precondition)?;
+        Ok(true)
+    }
+
+    /// Swap in a re-read config file. When its `[distccd]` defaults changed, they are
+    /// applied like a Configure, since that is what the operator edited them for.
+    pub async fn reload(&self, new: AgentConfig) -> Result<Option<ConfigureOutcome>, WorkerError> {
+        let old = self.config();
+        let defaults_changed = old.distccd != new.distccd;
+        let distccd = new.distccd.clone();
+        *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
+        if !defaults_changed || distccd.allow.is_empty() {
+            return Ok(None);
+        }
+        let _guard = self.ops.lock().await;
+        self.apply(distccd).await.map(Some)
+    }
+
+    /// Validate `update` against the policy, persist it, restart distccd and wait until
+    /// it serves; on failure restore the previous settings.
+    pub async fn configure(&self, update: &SettingsUpdate) -> Result<ConfigureOutcome, WorkerError> {
+        let _guard = self.ops.lock().await;
+        let previous = self.current_settings()?;
+        let next = update.apply_to(&previous)?;
+        self.apply(next).await
+    }
+
+    async fn apply(&self, next: DistccdSettings) -> Result<ConfigureOutcome, WorkerError> {
+        let config = self.config();
+        next.validate(&config.policy)?;
+        let previous = self.current_settings()?;
+        let unit_before = self.unit.state().await?;
+        if next == previous && unit_before.is_active() && self.store.load()?.is_some() {
+            return Ok(ConfigureOutcome { previous: previous.clone(), applied: next, changed: false, unit: unit_before });
+        }
+        self.store.save(&next)?;
+        let outcome = match self.unit.restart().await {
+            Ok(()) => self.wait_serving(&next).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(unit) => {
+                tracing::info!(settings = ?next, "distccd restarted with new settings");
+                Ok(ConfigureOutcome { previous, applied: next, changed: true, unit })
+            }
+            Err(reason) => Err(self.roll_back(&previous, reason).await),
+        }
+    }
+
+    async fn roll_back(&self, previous: &DistccdSettings, reason: String) -> WorkerError {
+        let journal = self.journal_tail().await;
+        tracing::warn!(%reason, "distccd did not come up with the new settings; rolling back");
+        let restored = async {
+            self.store.save(previous).map_err(|e| e.to_string())?;
+            // A failed unit refuses nothing, but its restart counter and result would
+            // confuse the next reader; start from a clean slate.
+            let _ = self.unit.reset_failed().await;
+            self.unit.restart().await.map_err(|e| e.to_string())?;
+            self.wait_serving(previous).await
+        }
+        .await;
+        let restored = match restored {
+            Ok(state) => format!("distccd {}", state.describe()),
+            Err(e) => format!("but distccd did not come back either: {e}"),
+        };
+        WorkerError::RolledBack { reason, restored, journal }
+    }
+
+    /// Wait until distccd is active and listening on its port, or has failed.
+    async fn wait_serving(&self, settings: &DistccdSettings) -> Result<UnitState, String> {
+        let deadline = Instant::now() + self.config().job_timeout;
+        loop {
+            let state = self.refresh_state().await.map_err(|e| e.to_string())?;
+            if state.has_failed() {
+                return Err(format!("distccd failed to start ({}, result {})", state.describe(), state.result));
+            }
+            if state.is_active() && is_listening(settings.port) {
+                return Ok(state);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "distccd is not serving on port {} after {:?} ({})",
+                    settings.port,
+                    self.config().job_timeout,
+                    state.describe()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// distccd's last log lines, for error reports.
+    pub async fn journal_tail(&self) -> String {
+        let output = tokio::process::Command::new("journalctl")
+            .args(["--no-pager", "-o", "short-iso", "-n"])
+            .arg(JOURNAL_LINES.to_string())
+            .arg("-u")
+            .arg(self.unit.unit_name())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(Duration::from_secs(5), output).await {
+            Ok(Ok(out)) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim_end().to_owned(),
+            Ok(Ok(out)) => format!("(journalctl failed: {})", String::from_utf8_lossy(&out.stderr).trim()),
+            Ok(Err(e)) => format!("(journalctl: {e})"),
+            Err(_) => "(journalctl did not answer)".to_owned(),
+        }
+    }
+
+    /// Start, stop, restart or reset distccd. Returns the steps taken.
+    pub async fn control(&self, action: pb::ControlAction) -> Result<(UnitState, Vec<String>), WorkerError> {
+        let _guard = self.ops.lock().await;
+        let mut steps = Vec::new();
+        let needs_allowlist = !matches!(action, pb::ControlAction::Stop);
+        if needs_allowlist && !self.has_allowlist() {
+            return Err(WorkerError::Precondition(
+                "no allowlist configured: set [distccd] allow in the agent config or call Configure".to_owned(),
+            ));
+        }
+        match action {
+            pb::ControlAction::Unspecified => {
+                return Err(WorkerError::Invalid(InvalidSetting::new("action", "must be set")));
+            }
+            pb::ControlAction::Start => {
+                self.ensure_persisted()?;
+                self.unit.start().await?;
+                steps.push("started".to_owned());
+            }
+            pb::ControlAction::Stop => {
+                self.unit.stop().await?;
+                steps.push("stopped".to_owned());
+            }
+            pb::ControlAction::Restart => {
+                self.ensure_persisted()?;
+                self.unit.restart().await?;
+                steps.push("restarted".to_owned());
+            }
+            pb::ControlAction::Reset => {
+                self.ensure_persisted()?;
+                self.unit.stop().await?;
+                steps.push("stopped".to_owned());
+                self.unit.reset_failed().await?;
+                steps.push("reset failed state".to_owned());
+                self.unit.clean_cache().await?;
+                steps.push(format!("cleared {}", self.config().distccd_tmpdir.display()));
+                self.unit.start().await?;
+                steps.push("started".to_owned());
+            }
+        }
+        let state = if matches!(action, pb::ControlAction::Stop) {
+            self.refresh_state().await?
+        } else {
+            self.wait_serving(&self.current_settings()?).await.map_err(WorkerError::Precondition)?
+        };
+        Ok((state, steps))
+    }
+
+    /// Enable distccd at boot and start it.
+    pub async fn bootstrap(&self) -> Result<(UnitState, Vec<String>), WorkerError> {
+        let _guard = self.ops.lock().await;
+        let settings = self.current_settings()?;
+        if settings.allow.is_empty() {
+            return Err(WorkerError::Precondition(
+                "no allowlist configured: set [distccd] allow in the agent config first".to_owned(),
+            ));
+        }
+        let mut steps = Vec::new();
+        if self.store.load()?.is_none() {
+            self.store.save(&settings)?;
+            steps.push(format!("wrote {}", self.store.path().display()));
+        }
+        self.unit.enable().await?;
+        steps.push("enabled".to_owned());
+        self.unit.start().await?;
+        steps.push("started".to_owned());
+        let state = self.wait_serving(&settings).await.map_err(WorkerError::Precondition)?;
+        Ok((state, steps))
+    }
+
+    /// distccd.service refuses to start without its environment file; write the
+    /// settings in effect if nothing was persisted yet.
+    fn ensure_persisted(&self) -> Result<(), StoreError> {
+        if self.store.load()?.is_none() {
+            self.store.save(&self.config().distccd)?;
+        }
+        Ok(())
+    }
+
+    /// Fetch distccd's statistics page, when stats are on.
+    pub async fn stats(&self, settings: &DistccdSettings) -> pb::DistccdStats {
+        if !settings.stats {
+            return pb::DistccdStats { error: "stats are off (Configure stats=true)".to_owned(), ..Default::default() };
+        }
+        let addr = SocketAddr::new(settings.agent_connect_addr(), settings.stats_port);
+        match DistccdStats::fetch(addr, STATS_TIMEOUT).await {
+            Ok(stats) => stats_to_proto(&stats),
+            Err(e) => pb::DistccdStats { error: e.to_string(), ..Default::default() },
+        }
+    }
+
+    /// A full status snapshot. Compilers are run only when `refresh_compilers` or when
+    /// not seen before; otherwise cached results are used.
+    pub async fn status(&self, refresh_compilers: bool) -> Result<pb::WorkerStatus, WorkerError> {
+        let config = self.config();
+        let unit = self.refresh_state().await?;
+        let settings = self.current_settings()?;
+        let stats = if unit.is_active() {
+            self.stats(&settings).await
+        } else {
+            pb::DistccdStats { error: format!("distccd is {}", unit.describe()), ..Default::default() }
+        };
+        let compilers = self
+            .catalog
+            .describe(&config.masquerade_dir, refresh_compilers)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| pb::Compiler {
+                name: c.name,
+                path: c.path.display().to_string(),
+                version: c.version,
+                target: c.target,
+                fingerprint: c.fingerprint,
+                error: c.error,
+            })
+            .collect();
+        let capacity = Capacity::read(&config.distccd_tmpdir);
+        Ok(pb::WorkerStatus {
+            hostname: self.hostname.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            unit: Some(unit_to_proto(&unit)),
+            effective_allow: settings.effective_allow().iter().map(ToString::to_string).collect(),
+            settings: Some(settings_to_proto(&settings)),
+            capacity: Some(pb::Capacity {
+                online_cpus: capacity.online_cpus,
+                load1: capacity.load[0],
+                load5: capacity.load[1],
+                load15: capacity.load[2],
+                mem_total_bytes: capacity.mem_total_bytes,
+                mem_available_bytes: capacity.mem_available_bytes,
+                tmpdir: config.distccd_tmpdir.display().to_string(),
+                tmpdir_free_bytes: capacity.tmpdir_free_bytes,
+            }),
+            stats: Some(stats),
+            compilers,
+            distcc_version: distccd_version().await.unwrap_or_else(|e| format!("unknown ({e})")),
+            taken_at_usec: now_usec(),
+        })
+    }
+
+    /// The one-line summary for `systemctl status distcc-agent` (sd-notify STATUS=).
+    pub async fn status_line(&self) -> String {
+        if !self.has_allowlist() {
+            return format!(
+                "waiting for an allowlist: set [distccd] allow in {} and run systemctl reload distcc-agent",
+                crate::config::DEFAULT_CONFIG_PATH
+            );
+        }
+        let state = self.state.borrow().clone();
+        if !state.is_active() {
+            return format!("distccd {}", state.describe());
+        }
+        let settings = self.current_settings().unwrap_or_default();
+        let stats = self.stats(&settings).await;
+        if stats.available {
+            format!("distccd active, {} jobs running, {} slots", stats.current_load, stats.max_kids)
+        } else {
+            format!("distccd active ({})", stats.error)
+        }
+    }
+
+    /// The named checks of the old validate playbook, plus the agent's own.
+    pub async fn validate(&self) -> pb::ValidateResponse {
+        let config = self.config();
+        let mut checks = Vec::new();
+        let mut check = |name: &str, result: Result<String, (String, String)>| {
+            checks.push(match result {
+                Ok(reason) => pb::Check { name: name.to_owned(), passed: true, reason, hint: String::new() },
+                Err((reason, hint)) => pb::Check { name: name.to_owned(), passed: false, reason, hint },
+            });
+        };
+
+        check(
+            "distccd-installed",
+            distccd_version()
+                .await
+                .map_err(|e| (format!("distccd --version: {e}"), "apt-get install distcc".to_owned())),
+        );
+
+        let unit = self.refresh_state().await;
+        let unit_name = self.unit.unit_name().to_owned();
+        check(
+            "unit-loaded",
+            match &unit {
+                Ok(s) if s.load_state == "loaded" => Ok(format!("{unit_name} loaded ({})", s.unit_file_state)),
+                Ok(s) => Err((
+                    format!("{unit_name} is {}", s.load_state),
+                    format!("install {unit_name} (package distcc-agent) and run systemctl daemon-reload"),
+                )),
+                Err(e) => Err((e.to_string(), "is systemd reachable over D-Bus?".to_owned())),
+            },
+        );
+        check(
+            "unit-active",
+            match &unit {
+                Ok(s) if s.is_active() => Ok(format!("{unit_name} {} (pid {})", s.describe(), s.main_pid)),
+                Ok(s) => Err((
+                    format!("{unit_name} is {}", s.describe()),
+                    format!("builderctl bootstrap, or see journalctl -u {unit_name}"),
+                )),
+                Err(e) => Err((e.to_string(), String::new())),
+            },
+        );
+
+        let settings = self.current_settings();
+        let port = settings.as_ref().map_or(3632, |s| s.port);
+        check(
+            "port-listening",
+            if is_listening(port) {
+                Ok(format!("TCP port {port} is listening"))
+            } else {
+                Err((format!("nothing listens on TCP port {port}"), "start distccd (Control START)".to_owned()))
+            },
+        );
+        check(
+            "allowlist-sane",
+            match &settings {
+                Ok(s) => s
+                    .validate(&config.policy)
+                    .map(|()| {
+                        let allow: Vec<String> = s.allow.iter().map(ToString::to_string).collect();
+                        format!("allow {}", allow.join(", "))
+                    })
+                    .map_err(|e| (e.to_string(), "set [distccd] allow to the builders' networks".to_owned())),
+                Err(e) => Err((e.to_string(), "fix or remove the file; the agent rewrites it".to_owned())),
+            },
+        );
+
+        let links = crate::compilers::masquerade_links(&config.masquerade_dir).unwrap_or_default();
+        let missing: Vec<&str> =
+            REQUIRED_COMPILERS.iter().copied().filter(|c| !links.iter().any(|l| l == c)).collect();
+        check(
+            "masquerade-links",
+            if missing.is_empty() {
+                Ok(format!("{} links in {}", links.len(), config.masquerade_dir.display()))
+            } else {
+                Err((
+                    format!("no link for {} in {}", missing.join(", "), config.masquerade_dir.display()),
+                    "run update-distcc-symlinks (as root)".to_owned(),
+                ))
+            },
+        );
+
+        let compilers = self.catalog.describe(&config.masquerade_dir, true).await.unwrap_or_default();
+        let broken: Vec<String> = compilers
+            .iter()
+            .filter(|c| !c.error.is_empty())
+            .map(|c| format!("{}: {}", c.name, c.error))
+            .collect();
+        check(
+            "compilers-run",
+            if compilers.is_empty() {
+                Err(("no compilers found".to_owned(), "apt-get install gcc g++".to_owned()))
+            } else if broken.is_empty() {
+                let versions: std::collections::BTreeSet<&str> =
+                    compilers.iter().map(|c| c.version.as_str()).collect();
+                Ok(format!("{} compilers run: {}", compilers.len(), versions.into_iter().collect::<Vec<_>>().join(", ")))
+            } else {
+                Err((broken.join("; "), "reinstall the compiler or run update-distcc-symlinks".to_owned()))
+            },
+        );
+
+        let free = crate::capacity::free_bytes(&config.distccd_tmpdir).unwrap_or(0);
+        check(
+            "tmpdir-space",
+            if free >= MIN_FREE_TMP_BYTES {
+                Ok(format!("{} MiB free in {}", free >> 20, config.distccd_tmpdir.display()))
+            } else {
+                Err((
+                    format!("only {} MiB free in {}", free >> 20, config.distccd_tmpdir.display()),
+                    "free disk space; distccd keeps preprocessed sources and objects there".to_owned(),
+                ))
+            },
+        );
+
+        let foreign = foreign_distccd_pids(&unit_name);
+        check(
+            "no-foreign-distccd",
+            if foreign.is_empty() {
+                Ok(format!("only {unit_name} runs distccd"))
+            } else {
+                Err((
+                    format!("distccd processes outside {unit_name}: {foreign:?}"),
+                    "systemctl disable --now distcc (Debian's SysV service) and set STARTDISTCC=false in /etc/default/distcc".to_owned(),
+                ))
+            },
+        );
+
+        let all_passed = checks.iter().all(|c| c.passed);
+        pb::ValidateResponse { checks, all_passed }
+    }
+}
+
+/// distccd processes not in `unit`'s cgroup: Debian's SysV `distcc` service or a manual one
+/// would fight ours for the port.
+fn foreign_distccd_pids(unit: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let proc_dir = Path::new("/proc").join(pid.to_string());
+            std::fs::read_to_string(proc_dir.join("comm")).is_ok_and(|c| c.trim() == "distccd")
+                && std::fs::read_to_string(proc_dir.join("cgroup"))
+                    .is_ok_and(|cg| !cg.lines().any(|l| l.ends_with(&format!("/{unit}"))))
+        })
+        .collect()
+}
+
+pub async fn distccd_version() -> Result<String, String> {
+    first_line_of(Path::new("distccd"), "--version").await
+}
+
+fn now_usec() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+pub fn unit_to_proto(s: &UnitState) -> pb::UnitState {
+    pb::UnitState {
+        load_state: s.load_state.clone(),
+        active_state: s.active_state.clone(),
+        sub_state: s.sub_state.clone(),
+        main_pid: s.main_pid,
+        state_since_usec: s.state_since_usec,
+        unit_file_state: s.unit_file_state.clone(),
+        n_restarts: s.n_restarts,
+        result: s.result.clone(),
+    }
+}
+
+pub fn settings_to_proto(s: &DistccdSettings) -> pb::DistccdSettings {
+    pb::DistccdSettings {
+        allow: s.allow.iter().map(ToString::to_string).collect(),
+        jobs: s.jobs,
+        nice: s.nice,
+        listen: s.listen.to_string(),
+        port: u32::from(s.port),
+        stats: s.stats,
+        stats_port: u32::from(s.stats_port),
+        job_lifetime_secs: s.job_lifetime_secs,
+    }
+}
+
+fn stats_to_proto(s: &DistccdStats) -> pb::DistccdStats {
+    pb::DistccdStats {
+        available: true,
+        error: String::new(),
+        values: s.values.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        compile_ok: s.counter("dcc_compile_ok"),
+        compile_error: s.counter("dcc_compile_error"),
+        compile_timeout: s.counter("dcc_compile_timeout"),
+        tcp_accept: s.counter("dcc_tcp_accept"),
+        rej_overload: s.counter("dcc_rej_overload"),
+        current_load: s.counter("dcc_current_load"),
+        max_kids: s.counter("dcc_max_kids"),
+        longest_job: s.text.get("dcc_longest_job").cloned().unwrap_or_default(),
+        free_space_mb: s.counter("dcc_free_space"),
+    }
+}
