@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 /// Where compilers are looked up, in order, as distccd's PATH would find them (the
 /// masquerade dir itself excluded).
-const SEARCH_PATH: [&str; 4] = ["/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin"];
+const SEARCH_PATH: [&str; 5] = ["/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin"];
 const RUN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,6 +49,7 @@ impl Stamp {
 #[derive(Default)]
 pub struct CompilerCatalog {
     cache: Mutex<HashMap<PathBuf, (Stamp, CompilerInfo)>>,
+    versions: Mutex<HashMap<PathBuf, (Stamp, String)>>,
 }
 
 /// Names of the masquerade links in `dir` (symlinks only), sorted.
@@ -105,6 +106,19 @@ impl CompilerCatalog {
             out.push(CompilerInfo { name, ..info });
         }
         Ok(out)
+    }
+
+    /// `program --version`'s first line, run again only when the binary changed.
+    pub async fn version_of(&self, program: &str) -> Result<String, String> {
+        let path = resolve(program).ok_or_else(|| format!("{program} is not installed"))?;
+        let stamp = Stamp::of(&path).map_err(|e| e.to_string())?;
+        let versions = || self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, version)) = versions().get(&path).filter(|(s, _)| *s == stamp) {
+            return Ok(version.clone());
+        }
+        let version = first_line_of(&path, "--version").await?;
+        versions().insert(path, (stamp, version.clone()));
+        Ok(version)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (Stamp, CompilerInfo)>> {

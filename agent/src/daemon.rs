@@ -51,6 +51,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         Err(e) => tracing::error!("bootstrapping distccd failed: {e}"),
     }
 
+    // Run every compiler once now, so the first Status that skips compilers has them.
+    {
+        let worker = worker.clone();
+        tokio::spawn(async move { worker.status(true).await.ok() });
+    }
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
     let heartbeat = Arc::new(AtomicU64::new(0));

@@ -12,7 +12,7 @@ use thiserror::Error;
 use tokio::sync::{Mutex, watch};
 
 use crate::capacity::Capacity;
-use crate::compilers::{CompilerCatalog, first_line_of};
+use crate::compilers::CompilerCatalog;
 use crate::config::AgentConfig;
 use crate::listening::is_listening;
 use crate::settings::{DistccdSettings, InvalidSetting, parse_cidr};
@@ -377,7 +377,10 @@ impl<U: UnitControl> Worker<U> {
         }
         let addr = SocketAddr::new(settings.agent_connect_addr(), settings.stats_port);
         match DistccdStats::fetch(addr, STATS_TIMEOUT).await {
-            Ok(stats) => stats_to_proto(&stats),
+            Ok(stats) => pb::DistccdStats {
+                jobs_running: crate::listening::established_to(settings.port) as u32,
+                ..stats_to_proto(&stats)
+            },
             Err(e) => pb::DistccdStats { error: e.to_string(), ..Default::default() },
         }
     }
@@ -427,7 +430,7 @@ impl<U: UnitControl> Worker<U> {
             }),
             stats: Some(stats),
             compilers,
-            distcc_version: distccd_version().await.unwrap_or_else(|e| format!("unknown ({e})")),
+            distcc_version: self.catalog.version_of("distccd").await.unwrap_or_else(|e| format!("unknown ({e})")),
             taken_at_usec: now_usec(),
         })
     }
@@ -447,7 +450,7 @@ impl<U: UnitControl> Worker<U> {
         let settings = self.current_settings().unwrap_or_default();
         let stats = self.stats(&settings).await;
         if stats.available {
-            format!("distccd active, {} jobs running, {} slots", stats.current_load, stats.max_kids)
+            format!("distccd active, {} jobs running, {} slots", stats.jobs_running, stats.max_kids)
         } else {
             format!("distccd active ({})", stats.error)
         }
@@ -466,7 +469,8 @@ impl<U: UnitControl> Worker<U> {
 
         check(
             "distccd-installed",
-            distccd_version()
+            self.catalog
+                .version_of("distccd")
                 .await
                 .map_err(|e| (format!("distccd --version: {e}"), "apt-get install distcc".to_owned())),
         );
@@ -601,10 +605,6 @@ fn foreign_distccd_pids(unit: &str) -> Vec<u32> {
         .collect()
 }
 
-pub async fn distccd_version() -> Result<String, String> {
-    first_line_of(Path::new("distccd"), "--version").await
-}
-
 fn now_usec() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
@@ -649,5 +649,6 @@ fn stats_to_proto(s: &DistccdStats) -> pb::DistccdStats {
         max_kids: s.counter("dcc_max_kids"),
         longest_job: s.text.get("dcc_longest_job").cloned().unwrap_or_default(),
         free_space_mb: s.counter("dcc_free_space"),
+        jobs_running: 0,
     }
 }

@@ -1,0 +1,413 @@
+//! The agent against real systemd, D-Bus, polkit and distccd: each test boots a
+//! systemd-nspawn worker in its own network namespace (see `distcc-testbed`), installs
+//! the agent binary and the project's unit files, polkit rule, sysusers and tmpfiles
+//! snippets, and drives it over gRPC from the root namespace, which acts as the builder.
+//!
+//! Needs root (namespaces, nspawn). Run with `cargo test -p distcc-agent --test worker_in_container`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use distcc_proto::v1 as pb;
+use distcc_proto::v1::distcc_agent_client::DistccAgentClient;
+use distcc_testbed::{Rootfs, Testbed, Worker as Container, WorkerSpec};
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+const AGENT_PORT: u16 = 3634;
+
+type Client = DistccAgentClient<InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>>>;
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// A worker container running the agent, and a client for it.
+struct AgentWorker {
+    container: Container,
+    channel: Channel,
+}
+
+impl AgentWorker {
+    /// Boot a worker with the agent installed the way a package would install it, write
+    /// its config and token, and start it with systemctl.
+    async fn start(bed: &Testbed, name: &str, state_dir: Option<&Path>) -> AgentWorker {
+        let mut spec = WorkerSpec::new(name)
+            .bind_ro(env!("CARGO_BIN_EXE_distcc-agent"), "/usr/bin/distcc-agent")
+            .bind_ro(repo_file("systemd/distcc-agent.service"), "/etc/systemd/system/distcc-agent.service")
+            .bind_ro(repo_file("systemd/distccd.service"), "/etc/systemd/system/distccd.service")
+            .bind_ro(repo_file("systemd/distcc-agent.rules"), "/etc/polkit-1/rules.d/50-distcc-agent.rules")
+            .bind_ro(repo_file("systemd/distcc-agent.sysusers"), "/etc/sysusers.d/distcc-agent.conf")
+            .bind_ro(repo_file("systemd/distcc-agent.tmpfiles"), "/etc/tmpfiles.d/distcc-agent.conf");
+        if let Some(dir) = state_dir {
+            // Survives the container: proves settings persist across a reboot.
+            spec = spec.bind(dir, "/var/lib/distcc-agent");
+        }
+        let container = bed.boot_worker(spec).expect("boot worker");
+        container
+            .write_file("/etc/distcc-agent/token", format!("{TOKEN}\n").as_bytes(), 0o640)
+            .expect("write token");
+        container.exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/token"]).expect("chgrp token");
+        let config = format!(
+            "listen = \"0.0.0.0:{AGENT_PORT}\"\ntoken_file = \"/etc/distcc-agent/token\"\n\
+             job_timeout_secs = 15\n\
+             [policy]\nallow_within = [\"{subnet}\"]\n\
+             [distccd]\nallow = [\"{subnet}\"]\njobs = 3\nnice = 10\nlisten = \"0.0.0.0\"\nport = 3632\n",
+            subnet = bed.subnet()
+        );
+        container.write_file("/etc/distcc-agent/agent.toml", config.as_bytes(), 0o644).expect("write config");
+        container.exec_ok(&["systemctl", "start", "distcc-agent"]).unwrap_or_else(|e| {
+            panic!("starting distcc-agent: {e:#}\n{}", container.journal("distcc-agent.service", 50))
+        });
+        let channel = Channel::from_shared(format!("http://{}:{AGENT_PORT}", container.ip()))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to the agent");
+        AgentWorker { container, channel }
+    }
+
+    fn client_with(&self, token: Option<&'static str>) -> Client {
+        let interceptor: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
+            Box::new(move |mut request: tonic::Request<()>| {
+                if let Some(token) = token {
+                    let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+                    request.metadata_mut().insert("authorization", value);
+                }
+                Ok(request)
+            });
+        DistccAgentClient::with_interceptor(self.channel.clone(), interceptor)
+    }
+
+    fn client(&self) -> Client {
+        self.client_with(Some(TOKEN))
+    }
+
+    async fn status(&self) -> pb::WorkerStatus {
+        self.client().status(pb::StatusRequest::default()).await.expect("Status").into_inner()
+    }
+
+    async fn health(&self) -> i32 {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let request = tonic_health::pb::HealthCheckRequest { service: distcc_proto::SERVICE_NAME.to_owned() };
+        health.check(request).await.expect("health check needs no token").into_inner().status
+    }
+
+    /// distccd's command line inside the container.
+    fn distccd_cmdline(&self, pid: u32) -> String {
+        self.container
+            .exec_ok(&["cat", &format!("/proc/{pid}/cmdline")])
+            .expect("read cmdline")
+            .replace('\0', " ")
+    }
+}
+
+/// Poll until `check` holds; the bound only keeps a broken build from hanging CI.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Compile a small C file on `host` through distcc, from the root namespace, with no
+/// fallback to a local compile: success proves the compile ran on the worker.
+fn remote_compile(host: std::net::Ipv4Addr) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("unit.c");
+    std::fs::write(&source, "int twice(int x) { return 2 * x; }\n").unwrap();
+    let object = dir.path().join("unit.o");
+    let output = Command::new("distcc")
+        .args(["gcc", "-c"])
+        .arg(&source)
+        .arg("-o")
+        .arg(&object)
+        .env("DISTCC_HOSTS", host.to_string())
+        .env("DISTCC_FALLBACK", "0")
+        .env("DISTCC_DIR", dir.path().join("distcc"))
+        .output()
+        .map_err(|e| format!("running distcc: {e}"))?;
+    if output.status.success() && object.exists() {
+        Ok(())
+    } else {
+        Err(format!("distcc failed: {}", String::from_utf8_lossy(&output.stderr)))
+    }
+}
+
+fn bed() -> Testbed {
+    Rootfs::ensure().expect("test-bed root filesystem");
+    Testbed::create().expect("test-bed network")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_auth_compile_and_validate() {
+    let bed = bed();
+    let w = AgentWorker::start(&bed, "w1", None).await;
+
+    // The shipped units pass systemd's own verifier (no man pages in the container).
+    w.container
+        .exec_ok(&[
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            "/etc/systemd/system/distcc-agent.service",
+            "/etc/systemd/system/distccd.service",
+        ])
+        .expect("systemd-analyze verify");
+
+    // sd-notify: READY reached (systemctl start returned) and a readable STATUS= line.
+    let status_text = w.container.exec_ok(&["systemctl", "show", "-P", "StatusText", "distcc-agent"]).unwrap();
+    assert!(status_text.starts_with("distccd active"), "{status_text}");
+    // The agent runs as its own unprivileged user.
+    let user = w.container.exec_ok(&["systemctl", "show", "-P", "User", "distcc-agent"]).unwrap();
+    assert_eq!(user.trim(), "distcc-agent");
+
+    // No token, wrong token: Unauthenticated. Health needs none.
+    for token in [None, Some("wrong-token-0123456789abcdef")] {
+        let err = w.client_with(token).status(pb::StatusRequest::default()).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}: {err}");
+    }
+    assert_eq!(w.health().await, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
+    // First start bootstrapped distccd with the configured settings.
+    let status = w.status().await;
+    let unit = status.unit.clone().unwrap();
+    assert_eq!((unit.active_state.as_str(), unit.sub_state.as_str()), ("active", "running"));
+    assert_eq!(unit.unit_file_state, "enabled");
+    assert!(unit.main_pid > 0 && unit.state_since_usec > 0);
+    assert_eq!(status.hostname, "w1");
+    assert_eq!(status.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(status.distcc_version.starts_with("distccd 3.4"), "{}", status.distcc_version);
+    let settings = status.settings.clone().unwrap();
+    assert_eq!(settings.allow, vec![bed.subnet().to_string()]);
+    assert_eq!((settings.jobs, settings.nice, settings.port), (3, 10, 3632));
+    let capacity = status.capacity.clone().unwrap();
+    assert!(capacity.online_cpus >= 1 && capacity.mem_total_bytes > 0 && capacity.tmpdir_free_bytes > 0);
+    let gcc = status.compilers.iter().find(|c| c.name == "gcc").expect("gcc masquerade link");
+    assert!(gcc.version.contains("12."), "{gcc:?}");
+    assert_eq!(gcc.target, "x86_64-linux-gnu");
+    assert_eq!(gcc.fingerprint.len(), 64);
+    let stats = status.stats.clone().unwrap();
+    assert!(stats.available, "{}", stats.error);
+    assert_eq!(stats.max_kids, 3);
+    let cmdline = w.distccd_cmdline(unit.main_pid);
+    assert!(cmdline.contains(&format!("--allow {}", bed.subnet())), "{cmdline}");
+    assert!(cmdline.contains("--jobs 3") && cmdline.contains("--nice 10"), "{cmdline}");
+
+    // A real compile from the builder, and distccd's statistics count it.
+    remote_compile(w.container.ip()).expect("remote compile");
+    let stats = w.status().await.stats.unwrap();
+    assert_eq!(stats.compile_ok, 1, "{stats:?}");
+
+    // Validate: every check passes on a healthy worker, by name.
+    let report = w.client().validate(pb::ValidateRequest {}).await.unwrap().into_inner();
+    let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "distccd-installed",
+            "unit-loaded",
+            "unit-active",
+            "port-listening",
+            "allowlist-sane",
+            "masquerade-links",
+            "compilers-run",
+            "tmpdir-space",
+            "no-foreign-distccd"
+        ]
+    );
+    let failed: Vec<_> = report.checks.iter().filter(|c| !c.passed).collect();
+    assert!(report.all_passed && failed.is_empty(), "{failed:?}");
+
+    // Debian's own SysV distcc running beside ours is caught.
+    w.container
+        .exec_ok(&["systemd-run", "--unit=rogue-distcc", "distccd", "--no-detach", "--daemon", "--port", "3700", "--allow", "127.0.0.1"])
+        .unwrap();
+    let report = w.client().validate(pb::ValidateRequest {}).await.unwrap().into_inner();
+    let foreign = report.checks.iter().find(|c| c.name == "no-foreign-distccd").unwrap();
+    assert!(!foreign.passed && !report.all_passed, "{foreign:?}");
+    assert!(!foreign.hint.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configure_applies_validates_and_rolls_back() {
+    let bed = bed();
+    let w = AgentWorker::start(&bed, "w1", None).await;
+    let mut client = w.client();
+    let before = w.status().await.unit.unwrap().main_pid;
+
+    // Narrow the allowlist to the builder alone: distccd restarts with it.
+    let builder = format!("{}/32", bed.host_ip());
+    let response = client
+        .configure(pb::ConfigureRequest {
+            allow: Some(pb::AllowList { cidrs: vec![builder.clone()] }),
+            jobs: Some(2),
+            ..Default::default()
+        })
+        .await
+        .expect("Configure")
+        .into_inner();
+    assert!(response.changed);
+    assert_eq!(response.applied.as_ref().unwrap().allow, vec![builder.clone()]);
+    let unit = response.unit.unwrap();
+    assert_eq!(unit.active_state, "active");
+    assert_ne!(unit.main_pid, before, "distccd was restarted");
+    let cmdline = w.distccd_cmdline(unit.main_pid);
+    assert!(cmdline.contains(&format!("--allow {builder}")) && cmdline.contains("--jobs 2"), "{cmdline}");
+    assert!(!cmdline.contains(&bed.subnet().to_string()), "{cmdline}");
+    remote_compile(w.container.ip()).expect("the builder is still admitted");
+
+    // The same request again changes nothing and restarts nothing.
+    let again = client
+        .configure(pb::ConfigureRequest {
+            allow: Some(pb::AllowList { cidrs: vec![builder.clone()] }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.changed);
+    assert_eq!(again.unit.unwrap().main_pid, unit.main_pid);
+
+    // Invalid arguments name the field; nothing changes.
+    for (request, field) in [
+        (pb::ConfigureRequest { allow: Some(pb::AllowList { cidrs: vec!["10.0.0.0/8".into()] }), ..Default::default() }, "allow[0]"),
+        (pb::ConfigureRequest { allow: Some(pb::AllowList { cidrs: vec!["0.0.0.0/0".into()] }), ..Default::default() }, "allow[0]"),
+        (pb::ConfigureRequest { allow: Some(pb::AllowList { cidrs: vec![] }), ..Default::default() }, "allow"),
+        (pb::ConfigureRequest { nice: Some(40), ..Default::default() }, "nice"),
+        (pb::ConfigureRequest { port: Some(70000), ..Default::default() }, "port"),
+        (pb::ConfigureRequest { listen: Some("not-an-ip".into()), ..Default::default() }, "listen"),
+    ] {
+        let err = client.configure(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err}");
+        assert!(err.message().starts_with(&format!("{field}:")), "{field}: {}", err.message());
+    }
+    assert_eq!(w.status().await.unit.unwrap().main_pid, unit.main_pid);
+
+    // A setting distccd cannot live with (an address this host does not have): the agent
+    // restores the previous settings and distccd keeps serving.
+    let bogus = format!("{}", std::net::Ipv4Addr::from(u32::from(bed.host_ip()) + 200));
+    let err = client
+        .configure(pb::ConfigureRequest { listen: Some(bogus.clone()), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err}");
+    assert!(err.message().contains("restored the previous settings"), "{}", err.message());
+    assert!(err.message().contains("distccd"), "journal lines: {}", err.message());
+    let status = w.status().await;
+    assert_eq!(status.settings.unwrap().listen, "0.0.0.0");
+    assert_eq!(status.unit.as_ref().unwrap().active_state, "active");
+    let env = w.container.exec_ok(&["cat", "/var/lib/distcc-agent/distccd.env"]).unwrap();
+    assert!(!env.contains(&bogus), "{env}");
+    remote_compile(w.container.ip()).expect("distccd serves again after the rollback");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_crash_recovery_and_agent_restart() {
+    let bed = bed();
+    let w = AgentWorker::start(&bed, "w1", None).await;
+    let mut client = w.client();
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    // Stop: health says NOT_SERVING; start brings it back.
+    let stopped = client.control(pb::ControlRequest { action: pb::ControlAction::Stop as i32 }).await.unwrap().into_inner();
+    assert_eq!(stopped.unit.unwrap().active_state, "inactive");
+    eventually("health NOT_SERVING", || async { w.health().await == ServingStatus::NotServing as i32 }).await;
+    assert!(remote_compile(w.container.ip()).is_err(), "no distccd, no compile");
+    let started = client.control(pb::ControlRequest { action: pb::ControlAction::Start as i32 }).await.unwrap().into_inner();
+    assert_eq!(started.unit.unwrap().active_state, "active");
+    eventually("health SERVING", || async { w.health().await == ServingStatus::Serving as i32 }).await;
+
+    // Reset: stop, reset-failed, clean distccd's TMPDIR, start.
+    w.container.exec_ok(&["touch", "/var/cache/distccd/leftover"]).unwrap();
+    let reset = client.control(pb::ControlRequest { action: pb::ControlAction::Reset as i32 }).await.unwrap().into_inner();
+    assert_eq!(reset.steps.len(), 4, "{:?}", reset.steps);
+    assert_eq!(reset.unit.as_ref().unwrap().active_state, "active");
+    assert!(w.container.exec(&["test", "-e", "/var/cache/distccd/leftover"]).unwrap().status.code() == Some(1));
+    remote_compile(w.container.ip()).expect("compile after reset");
+
+    let err = client.control(pb::ControlRequest { action: 0 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("action"), "{}", err.message());
+
+    // distccd killed with SIGKILL: systemd restarts it, and the status stream reports it
+    // (driven by D-Bus signals; the interval is long so only a change can explain it).
+    let pid = w.status().await.unit.unwrap().main_pid;
+    let mut stream = client
+        .watch_status(pb::WatchStatusRequest { interval_ms: 600_000 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.unit.unwrap().main_pid, pid);
+    w.container.exec_ok(&["kill", "-9", &pid.to_string()]).unwrap();
+    let mut saw_down = false;
+    let restarted = loop {
+        let status = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .expect("a status within a minute")
+            .unwrap()
+            .expect("stream open");
+        let unit = status.unit.unwrap();
+        saw_down |= unit.active_state != "active" || unit.main_pid != pid;
+        if unit.active_state == "active" && unit.main_pid != 0 && unit.main_pid != pid {
+            break unit;
+        }
+    };
+    assert!(saw_down);
+    assert!(restarted.n_restarts >= 1, "{restarted:?}");
+    eventually("compiles work after the crash", || async { remote_compile(w.container.ip()).is_ok() }).await;
+
+    // Restarting the agent leaves distccd alone: same PID, compiles in flight survive.
+    w.container.exec_ok(&["systemctl", "restart", "distcc-agent"]).unwrap();
+    let after = w.status().await.unit.unwrap();
+    assert_eq!(after.main_pid, restarted.main_pid, "agent restart must not restart distccd");
+
+    // SIGHUP (systemctl reload) re-reads the config; a changed [distccd] is applied.
+    let config = w.container.exec_ok(&["cat", "/etc/distcc-agent/agent.toml"]).unwrap();
+    w.container
+        .write_file("/etc/distcc-agent/agent.toml", config.replace("jobs = 3", "jobs = 5").as_bytes(), 0o644)
+        .unwrap();
+    w.container.exec_ok(&["systemctl", "reload", "distcc-agent"]).unwrap();
+    eventually("reload applied jobs = 5", || async { w.status().await.settings.unwrap().jobs == 5 }).await;
+    // A broken config on reload is refused and the running one kept.
+    w.container.write_file("/etc/distcc-agent/agent.toml", b"bogus_key = 1\n", 0o644).unwrap();
+    w.container.exec_ok(&["systemctl", "reload", "distcc-agent"]).unwrap();
+    assert_eq!(w.status().await.settings.unwrap().jobs, 5);
+    let journal = w.container.journal("distcc-agent.service", 20);
+    assert!(journal.contains("reload refused") && journal.contains("bogus_key"), "{journal}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_persist_across_reboot() {
+    let bed = bed();
+    let state = tempfile::tempdir().unwrap();
+    // The state dir belongs to the agent's user inside the container.
+    {
+        let w = AgentWorker::start(&bed, "w1", Some(state.path())).await;
+        w.client()
+            .configure(pb::ConfigureRequest { jobs: Some(7), ..Default::default() })
+            .await
+            .expect("Configure");
+        w.container.exec_ok(&["systemctl", "poweroff"]).ok();
+    }
+    let w = AgentWorker::start(&bed, "w1", Some(state.path())).await;
+    let status = w.status().await;
+    assert_eq!(status.settings.unwrap().jobs, 7, "the configured value, not the config file's 3");
+    let unit = status.unit.unwrap();
+    // The agent found persisted settings: it did not bootstrap again. distccd runs with the
+    // persisted settings when started.
+    w.client().control(pb::ControlRequest { action: pb::ControlAction::Start as i32 }).await.unwrap();
+    let cmdline = w.distccd_cmdline(w.status().await.unit.unwrap().main_pid);
+    assert!(cmdline.contains("--jobs 7"), "{cmdline} (unit was {unit:?})");
+}
