@@ -43,7 +43,7 @@ impl Capacity {
 pub fn free_bytes(path: &Path) -> Option<u64> {
     let existing = path.ancestors().find(|p| p.exists())?;
     let stat = statvfs(existing).ok()?;
-    Some(u64::from(stat.blocks_available()) * u64::from(stat.fragment_size()))
+    Some(stat.blocks_available() * stat.fragment_size())
 }
 
 fn parse_loadavg(text: &str) -> [f64; 3] {
@@ -60,20 +60,31 @@ fn parse_meminfo(text: &str) -> (u64, u64) {
     let field = |name: &str| {
         text.lines()
             .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .map_or(0, |kib| kib * 1024)
     };
     (field("MemTotal:"), field("MemAvailable:"))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn parses_proc_files() {
-        assert_eq!(parse_loadavg("0.63 0.67 0.30 2/345 17363\n"), [0.63, 0.67, 0.30]);
-        let meminfo = "MemTotal:       24608532 kB\nMemFree:         1 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(
+            parse_loadavg("0.63 0.67 0.30 2/345 17363\n"),
+            [0.63, 0.67, 0.30]
+        );
+        let meminfo =
+            "MemTotal:       24608532 kB\nMemFree:         1 kB\nMemAvailable:   20000000 kB\n";
         assert_eq!(parse_meminfo(meminfo), (24608532 * 1024, 20000000 * 1024));
         assert_eq!(parse_meminfo("garbage"), (0, 0));
     }

@@ -14,7 +14,13 @@ use sha2::{Digest, Sha256};
 
 /// Where compilers are looked up, in order, as distccd's PATH would find them (the
 /// masquerade dir itself excluded).
-const SEARCH_PATH: [&str; 5] = ["/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin"];
+const SEARCH_PATH: [&str; 5] = [
+    "/usr/local/bin",
+    "/usr/bin",
+    "/bin",
+    "/usr/local/sbin",
+    "/usr/sbin",
+];
 const RUN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -41,7 +47,11 @@ struct Stamp {
 impl Stamp {
     fn of(path: &Path) -> std::io::Result<Self> {
         let meta = std::fs::metadata(path)?;
-        Ok(Self { size: meta.size(), mtime: meta.mtime(), mtime_nsec: meta.mtime_nsec() })
+        Ok(Self {
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        })
     }
 }
 
@@ -89,14 +99,26 @@ impl CompilerCatalog {
             let stamp = match Stamp::of(&path) {
                 Ok(stamp) => stamp,
                 Err(e) => {
-                    out.push(CompilerInfo { name, path, error: e.to_string(), ..Default::default() });
+                    out.push(CompilerInfo {
+                        name,
+                        path,
+                        error: e.to_string(),
+                        ..Default::default()
+                    });
                     continue;
                 }
             };
-            let cached = self.lock().get(&path).filter(|(s, _)| *s == stamp).map(|(_, i)| i.clone());
+            let cached = self
+                .lock()
+                .get(&path)
+                .filter(|(s, _)| *s == stamp)
+                .map(|(_, i)| i.clone());
             let info = match cached {
                 Some(info) => info,
-                None if !refresh => CompilerInfo { path: path.clone(), ..Default::default() },
+                None if !refresh => CompilerInfo {
+                    path: path.clone(),
+                    ..Default::default()
+                },
                 None => {
                     let info = describe_binary(&path).await;
                     self.lock().insert(path.clone(), (stamp, info.clone()));
@@ -112,7 +134,11 @@ impl CompilerCatalog {
     pub async fn version_of(&self, program: &str) -> Result<String, String> {
         let path = resolve(program).ok_or_else(|| format!("{program} is not installed"))?;
         let stamp = Stamp::of(&path).map_err(|e| e.to_string())?;
-        let versions = || self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let versions = || {
+            self.versions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
         if let Some((_, version)) = versions().get(&path).filter(|(s, _)| *s == stamp) {
             return Ok(version.clone());
         }
@@ -123,12 +149,17 @@ impl CompilerCatalog {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (Stamp, CompilerInfo)>> {
         // The map holds plain data; a panic elsewhere cannot leave it inconsistent.
-        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 async fn describe_binary(path: &Path) -> CompilerInfo {
-    let mut info = CompilerInfo { path: path.to_owned(), ..Default::default() };
+    let mut info = CompilerInfo {
+        path: path.to_owned(),
+        ..Default::default()
+    };
     let mut errors = Vec::new();
     match first_line_of(path, "--version").await {
         Ok(line) => info.version = line,
@@ -164,14 +195,21 @@ pub fn fingerprint(path: &Path) -> std::io::Result<String> {
         }
         hasher.update(&buffer[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Run `program arg` and return the first line of its output.
 pub async fn first_line_of(program: &Path, arg: &str) -> Result<String, String> {
     let output = tokio::time::timeout(
         RUN_TIMEOUT,
-        tokio::process::Command::new(program).arg(arg).kill_on_drop(true).output(),
+        tokio::process::Command::new(program)
+            .arg(arg)
+            .kill_on_drop(true)
+            .output(),
     )
     .await
     .map_err(|_| format!("no answer within {RUN_TIMEOUT:?}"))?
@@ -180,7 +218,11 @@ pub async fn first_line_of(program: &Path, arg: &str) -> Result<String, String> 
         return Err(format!("exited with {}", output.status));
     }
     // distccd --version prints to stdout; some tools use stderr.
-    let text = if output.stdout.is_empty() { output.stderr } else { output.stdout };
+    let text = if output.stdout.is_empty() {
+        output.stderr
+    } else {
+        output.stdout
+    };
     String::from_utf8_lossy(&text)
         .lines()
         .next()
@@ -190,6 +232,7 @@ pub async fn first_line_of(program: &Path, arg: &str) -> Result<String, String> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

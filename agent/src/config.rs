@@ -38,7 +38,8 @@ pub struct AgentConfig {
     pub job_timeout: Duration,
     /// Where distccd's compiler masquerade links are.
     pub masquerade_dir: PathBuf,
-    /// distccd's temporary directory (the unit's `CacheDirectory=`), cleared by reset.
+    /// Where distccd's temporary files live, for free-space reports. distccd.service has
+    /// a private /tmp, on the filesystem of the host's /tmp.
     pub distccd_tmpdir: PathBuf,
     pub policy: AllowPolicy,
     /// Settings distccd gets when the agent has none persisted yet.
@@ -56,9 +57,17 @@ pub struct TlsConfig {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: {key}: {message}")]
-    Invalid { path: String, line: usize, key: String, message: String },
+    Invalid {
+        path: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -114,7 +123,10 @@ struct Source<'a> {
 
 impl Source<'_> {
     fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
     }
 
     fn error(&self, offset: usize, key: &str, message: impl Into<String>) -> ConfigError {
@@ -157,8 +169,10 @@ impl Source<'_> {
 impl AgentConfig {
     /// Read and validate the config file, and the token file it names.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
@@ -180,7 +194,11 @@ impl AgentConfig {
         let listen = match &raw.listen {
             None => SocketAddr::from(([0, 0, 0, 0], distcc_proto::DEFAULT_AGENT_PORT)),
             Some(value) => value.get_ref().parse().map_err(|_| {
-                src.at(value, "listen", format!("{:?} is not an address like 0.0.0.0:3634", value.get_ref()))
+                src.at(
+                    value,
+                    "listen",
+                    format!("{:?} is not an address like 0.0.0.0:3634", value.get_ref()),
+                )
             })?,
         };
 
@@ -190,7 +208,11 @@ impl AgentConfig {
         };
         let token = std::fs::read_to_string(&token_file)
             .map_err(|e| {
-                src.error(token_offset, "token_file", format!("cannot read {}: {e}", token_file.display()))
+                src.error(
+                    token_offset,
+                    "token_file",
+                    format!("cannot read {}: {e}", token_file.display()),
+                )
             })?
             .trim()
             .to_owned();
@@ -198,7 +220,10 @@ impl AgentConfig {
             return Err(src.error(
                 token_offset,
                 "token_file",
-                format!("{} holds a token shorter than 16 characters", token_file.display()),
+                format!(
+                    "{} holds a token shorter than 16 characters",
+                    token_file.display()
+                ),
             ));
         }
 
@@ -207,12 +232,10 @@ impl AgentConfig {
             Some(value) if value.get_ref().ends_with(".service") => value.get_ref().clone(),
             Some(value) => return Err(src.at(value, "unit", "must name a .service unit")),
         };
-        let seconds = |value: &Option<Spanned<u64>>, key: &str, default: u64| {
-            match value {
-                None => Ok(Duration::from_secs(default)),
-                Some(v) if (1..=3600).contains(v.get_ref()) => Ok(Duration::from_secs(*v.get_ref())),
-                Some(v) => Err(src.at(v, key, format!("{} is outside 1..=3600", v.get_ref()))),
-            }
+        let seconds = |value: &Option<Spanned<u64>>, key: &str, default: u64| match value {
+            None => Ok(Duration::from_secs(default)),
+            Some(v) if (1..=3600).contains(v.get_ref()) => Ok(Duration::from_secs(*v.get_ref())),
+            Some(v) => Err(src.at(v, key, format!("{} is outside 1..=3600", v.get_ref()))),
         };
         let status_interval = seconds(&raw.status_interval_secs, "status_interval_secs", 10)?;
         let job_timeout = seconds(&raw.job_timeout_secs, "job_timeout_secs", 30)?;
@@ -225,14 +248,19 @@ impl AgentConfig {
                 distccd.allow = src.cidrs(allow, "distccd.allow")?;
             }
             if let Some(v) = &d.jobs {
-                distccd.jobs = src.int_in(v, "distccd.jobs", 0, i64::from(crate::settings::MAX_JOBS))?;
+                distccd.jobs =
+                    src.int_in(v, "distccd.jobs", 0, i64::from(crate::settings::MAX_JOBS))?;
             }
             if let Some(v) = &d.nice {
                 distccd.nice = src.int_in(v, "distccd.nice", 0, 19)?;
             }
             if let Some(v) = &d.listen {
                 distccd.listen = v.get_ref().parse::<IpAddr>().map_err(|_| {
-                    src.at(v, "distccd.listen", format!("{:?} is not an IP address", v.get_ref()))
+                    src.at(
+                        v,
+                        "distccd.listen",
+                        format!("{:?} is not an IP address", v.get_ref()),
+                    )
                 })?;
             }
             if let Some(v) = &d.port {
@@ -285,13 +313,21 @@ impl AgentConfig {
             listen,
             token,
             token_file,
-            tls: raw.tls.map(|t| TlsConfig { cert: t.cert, key: t.key, client_ca: t.client_ca }),
-            state_dir: raw.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            tls: raw.tls.map(|t| TlsConfig {
+                cert: t.cert,
+                key: t.key,
+                client_ca: t.client_ca,
+            }),
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             unit,
             status_interval,
             job_timeout,
-            masquerade_dir: raw.masquerade_dir.unwrap_or_else(|| PathBuf::from("/usr/lib/distcc")),
-            distccd_tmpdir: raw.distccd_tmpdir.unwrap_or_else(|| PathBuf::from("/var/cache/distccd")),
+            masquerade_dir: raw
+                .masquerade_dir
+                .unwrap_or_else(|| PathBuf::from("/usr/lib/distcc")),
+            distccd_tmpdir: raw.distccd_tmpdir.unwrap_or_else(|| PathBuf::from("/tmp")),
             policy,
             distccd,
         })
@@ -313,13 +349,18 @@ fn spanned_offset(d: &RawDistccd, field: &str) -> Option<usize> {
         "stats_port" => start(&d.stats_port).or_else(|| start(&d.port)),
         "job_lifetime_secs" => start(&d.job_lifetime_secs),
         _ => {
-            let index: usize = field.strip_prefix("allow[")?.strip_suffix(']')?.parse().ok()?;
+            let index: usize = field
+                .strip_prefix("allow[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()?;
             d.allow.as_ref()?.get(index).map(|e| e.span().start)
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use std::io::Write;
@@ -341,14 +382,19 @@ mod tests {
                 self.dir.path().join("token").display()
             );
             let path = self.dir.path().join("agent.toml");
-            std::fs::File::create(&path).unwrap().write_all(text.as_bytes()).unwrap();
+            std::fs::File::create(&path)
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
             AgentConfig::load(&path)
         }
     }
 
     fn invalid(err: ConfigError) -> (usize, String, String) {
         match err {
-            ConfigError::Invalid { line, key, message, .. } => (line, key, message),
+            ConfigError::Invalid {
+                line, key, message, ..
+            } => (line, key, message),
             other => panic!("expected Invalid, got {other}"),
         }
     }
@@ -364,8 +410,14 @@ mod tests {
             .unwrap();
         assert_eq!(cfg.listen, "0.0.0.0:3634".parse().unwrap());
         assert_eq!(cfg.token, "0123456789abcdef0123");
-        assert_eq!(cfg.distccd.allow, vec!["198.18.0.0/24".parse::<IpNet>().unwrap()]);
-        assert_eq!((cfg.distccd.jobs, cfg.distccd.nice, cfg.distccd.port), (4, 10, 3632));
+        assert_eq!(
+            cfg.distccd.allow,
+            vec!["198.18.0.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            (cfg.distccd.jobs, cfg.distccd.nice, cfg.distccd.port),
+            (4, 10, 3632)
+        );
         // Without [policy], requests may only narrow the operator's allowlist.
         assert_eq!(cfg.policy.allow_within, cfg.distccd.allow);
     }
@@ -380,8 +432,10 @@ mod tests {
     #[test]
     fn bad_value_names_line_and_key() {
         let f = Fixture::new();
-        let (line, key, msg) =
-            invalid(f.parse("[distccd]\nallow = [\"198.18.0.0/24\",\n  \"bogus\"]\n").unwrap_err());
+        let (line, key, msg) = invalid(
+            f.parse("[distccd]\nallow = [\"198.18.0.0/24\",\n  \"bogus\"]\n")
+                .unwrap_err(),
+        );
         assert_eq!((line, key.as_str()), (4, "distccd.allow[1]"), "{msg}");
         let (line, key, _) = invalid(f.parse("\n[distccd]\nnice = 40\n").unwrap_err());
         assert_eq!((line, key.as_str()), (4, "distccd.nice"));
@@ -406,7 +460,8 @@ mod tests {
     fn public_allowlist_needs_permission() {
         let f = Fixture::new();
         assert!(f.parse("[distccd]\nallow = [\"8.8.8.0/24\"]\n").is_err());
-        f.parse("[policy]\npermit_public = true\n[distccd]\nallow = [\"8.8.8.0/24\"]\n").unwrap();
+        f.parse("[policy]\npermit_public = true\n[distccd]\nallow = [\"8.8.8.0/24\"]\n")
+            .unwrap();
     }
 
     #[test]

@@ -42,10 +42,15 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         .await
         .with_context(|| format!("connecting to systemd over D-Bus for {}", config.unit))?;
     let worker = Arc::new(Worker::new(unit, config));
-    worker.refresh_state().await.context("reading distccd's unit state")?;
+    worker
+        .refresh_state()
+        .await
+        .context("reading distccd's unit state")?;
 
     match worker.first_start().await {
-        Ok(true) => tracing::info!("first start: persisted the configured settings and bootstrapped distccd"),
+        Ok(true) => tracing::info!(
+            "first start: persisted the configured settings and bootstrapped distccd"
+        ),
         Ok(false) => {}
         // Keep serving: the operator needs Status and Validate to see what is wrong.
         Err(e) => tracing::error!("bootstrapping distccd failed: {e}"),
@@ -75,14 +80,19 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         let worker = worker.clone();
         TokenAuth::new(move || worker.config().token.clone())
     };
-    let service = DistccAgentServer::with_interceptor(AgentService::new(worker.clone(), shutdown_rx.clone()), move |r| {
-        auth.check(r)
-    });
+    let service = DistccAgentServer::with_interceptor(
+        AgentService::new(worker.clone(), shutdown_rx.clone()),
+        move |r| auth.check(r),
+    );
     let mut builder = Server::builder();
     if let Some(tls) = &tls {
-        builder = builder.tls_config(load_tls(tls).context("loading TLS material")?).context("configuring TLS")?;
+        builder = builder
+            .tls_config(load_tls(tls).context("loading TLS material")?)
+            .context("configuring TLS")?;
     }
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, tls = tls.is_some(), "serving gRPC");
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut server_shutdown = shutdown_rx.clone();
@@ -111,7 +121,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
 
     tracing::info!("stopping: finishing in-flight requests");
-    notify(&[NotifyState::Stopping, NotifyState::Status("stopping: finishing in-flight requests")]);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: finishing in-flight requests"),
+    ]);
     let _ = shutdown_tx.send(true);
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
         Ok(joined) => joined.context("server task")?.context("gRPC server")?,
@@ -130,7 +143,9 @@ async fn reload<U: UnitControl>(worker: &Worker<U>, path: &Path) {
                 tracing::warn!("listen address changed; it takes effect on restart");
             }
             match worker.reload(config).await {
-                Ok(Some(outcome)) => tracing::info!(settings = ?outcome.applied, "reloaded; applied new [distccd] settings"),
+                Ok(Some(outcome)) => {
+                    tracing::info!(settings = ?outcome.applied, "reloaded; applied new [distccd] settings")
+                }
                 Ok(None) => tracing::info!("reloaded {}", path.display()),
                 Err(e) => tracing::error!("reloaded, but applying [distccd] failed: {e}"),
             }
@@ -151,7 +166,9 @@ async fn monitor_unit<U: UnitControl>(
     started: Instant,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let tick = watchdog_interval().map_or(worker.config().status_interval, |w| w.min(worker.config().status_interval));
+    let tick = watchdog_interval().map_or(worker.config().status_interval, |w| {
+        w.min(worker.config().status_interval)
+    });
     let mut changes = match worker.unit().changes().await {
         Ok(stream) => Some(stream),
         Err(e) => {
@@ -164,9 +181,15 @@ async fn monitor_unit<U: UnitControl>(
         match worker.refresh_state().await {
             Ok(state) => {
                 heartbeat.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                let serving = if state.is_active() { ServingStatus::Serving } else { ServingStatus::NotServing };
+                let serving = if state.is_active() {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
                 health.set_service_status("", serving).await;
-                health.set_service_status(distcc_proto::SERVICE_NAME, serving).await;
+                health
+                    .set_service_status(distcc_proto::SERVICE_NAME, serving)
+                    .await;
                 let line = worker.status_line().await;
                 if line != last_line {
                     notify(&[NotifyState::Status(&line)]);
@@ -198,8 +221,14 @@ fn watchdog_interval() -> Option<Duration> {
 
 /// Pings the watchdog only while the monitor loop keeps completing D-Bus round trips:
 /// if the agent wedges, systemd restarts it.
-async fn feed_watchdog(heartbeat: Arc<AtomicU64>, started: Instant, mut shutdown: watch::Receiver<bool>) {
-    let Some(half) = watchdog_interval() else { return };
+async fn feed_watchdog(
+    heartbeat: Arc<AtomicU64>,
+    started: Instant,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(half) = watchdog_interval() else {
+        return;
+    };
     loop {
         let last = Duration::from_millis(heartbeat.load(Ordering::Relaxed));
         let age = started.elapsed().saturating_sub(last);
@@ -217,7 +246,8 @@ async fn feed_watchdog(heartbeat: Arc<AtomicU64>, started: Instant, mut shutdown
 
 fn load_tls(tls: &crate::config::TlsConfig) -> Result<ServerTlsConfig> {
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+    let mut config =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
     if let Some(ca) = &tls.client_ca {
         config = config.client_ca_root(Certificate::from_pem(read(ca)?));
     }

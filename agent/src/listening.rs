@@ -5,7 +5,9 @@ const LISTEN: &str = "0A";
 const ESTABLISHED: &str = "01";
 
 fn tables() -> impl Iterator<Item = String> {
-    ["/proc/net/tcp", "/proc/net/tcp6"].into_iter().filter_map(|path| std::fs::read_to_string(path).ok())
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .into_iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
 }
 
 /// True when some socket in this network namespace listens on `port`.
@@ -16,7 +18,14 @@ pub fn is_listening(port: u16) -> bool {
 /// Connections established to local `port`: for distccd's port, the compiles in flight
 /// (distccd's own `dcc_current_load` counts runnable processes on the host instead).
 pub fn established_to(port: u16) -> usize {
-    tables().map(|table| local_ports(&table, ESTABLISHED).iter().filter(|p| **p == port).count()).sum()
+    tables()
+        .map(|table| {
+            local_ports(&table, ESTABLISHED)
+                .iter()
+                .filter(|p| **p == port)
+                .count()
+        })
+        .sum()
 }
 
 /// Local ports of the sockets in `state` (`0A` LISTEN, `01` ESTABLISHED) in a
@@ -38,6 +47,7 @@ pub fn local_ports(table: &str, state: &str) -> Vec<u16> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

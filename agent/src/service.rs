@@ -48,7 +48,9 @@ pub struct TokenAuth {
 
 impl TokenAuth {
     pub fn new(token: impl Fn() -> String + Send + Sync + 'static) -> Self {
-        Self { token: Arc::new(token) }
+        Self {
+            token: Arc::new(token),
+        }
     }
 
     pub fn check<T>(&self, request: Request<T>) -> Result<Request<T>, Status> {
@@ -57,7 +59,9 @@ impl TokenAuth {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+            })?;
         let expected = (self.token)();
         if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
             Ok(request)
@@ -71,7 +75,10 @@ type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::WorkerStatus, Status>> 
 
 #[tonic::async_trait]
 impl<U: UnitControl> pb::distcc_agent_server::DistccAgent for AgentService<U> {
-    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::WorkerStatus>, Status> {
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::WorkerStatus>, Status> {
         let refresh = !request.get_ref().skip_compilers;
         Ok(Response::new(self.worker.status(refresh).await?))
     }
@@ -84,7 +91,11 @@ impl<U: UnitControl> pb::distcc_agent_server::DistccAgent for AgentService<U> {
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
         let interval = match request.get_ref().interval_ms {
             0 => self.worker.config().status_interval,
-            ms if ms < 100 => return Err(Status::invalid_argument("interval_ms: must be 0 or at least 100")),
+            ms if ms < 100 => {
+                return Err(Status::invalid_argument(
+                    "interval_ms: must be 0 or at least 100",
+                ));
+            }
             ms => Duration::from_millis(u64::from(ms)),
         };
         let worker = self.worker.clone();
@@ -104,7 +115,9 @@ impl<U: UnitControl> pb::distcc_agent_server::DistccAgent for AgentService<U> {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn configure(
@@ -131,24 +144,40 @@ impl<U: UnitControl> pb::distcc_agent_server::DistccAgent for AgentService<U> {
         }))
     }
 
-    async fn control(&self, request: Request<pb::ControlRequest>) -> Result<Response<pb::ControlResponse>, Status> {
+    async fn control(
+        &self,
+        request: Request<pb::ControlRequest>,
+    ) -> Result<Response<pb::ControlResponse>, Status> {
         let action = pb::ControlAction::try_from(request.get_ref().action)
             .map_err(|_| Status::invalid_argument("action: unknown value"))?;
         let (unit, steps) = self.worker.control(action).await?;
-        Ok(Response::new(pb::ControlResponse { unit: Some(unit_to_proto(&unit)), steps }))
+        Ok(Response::new(pb::ControlResponse {
+            unit: Some(unit_to_proto(&unit)),
+            steps,
+        }))
     }
 
-    async fn bootstrap(&self, _: Request<pb::BootstrapRequest>) -> Result<Response<pb::ControlResponse>, Status> {
+    async fn bootstrap(
+        &self,
+        _: Request<pb::BootstrapRequest>,
+    ) -> Result<Response<pb::ControlResponse>, Status> {
         let (unit, steps) = self.worker.bootstrap().await?;
-        Ok(Response::new(pb::ControlResponse { unit: Some(unit_to_proto(&unit)), steps }))
+        Ok(Response::new(pb::ControlResponse {
+            unit: Some(unit_to_proto(&unit)),
+            steps,
+        }))
     }
 
-    async fn validate(&self, _: Request<pb::ValidateRequest>) -> Result<Response<pb::ValidateResponse>, Status> {
+    async fn validate(
+        &self,
+        _: Request<pb::ValidateRequest>,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
         Ok(Response::new(self.worker.validate().await))
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -164,7 +193,12 @@ mod tests {
     fn token_auth() {
         let auth = TokenAuth::new(|| "0123456789abcdef".to_owned());
         assert!(auth.check(request(Some("Bearer 0123456789abcdef"))).is_ok());
-        for bad in [None, Some("Bearer 0123456789abcdeX"), Some("Bearer "), Some("0123456789abcdef")] {
+        for bad in [
+            None,
+            Some("Bearer 0123456789abcdeX"),
+            Some("Bearer "),
+            Some("0123456789abcdef"),
+        ] {
             let err = auth.check(request(bad)).unwrap_err();
             assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }

@@ -67,7 +67,10 @@ pub struct InvalidSetting {
 
 impl InvalidSetting {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -107,9 +110,9 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
         }
         return Ok(net);
     }
-    text.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("{text:?} is not a CIDR network (like 198.18.0.0/24) or an IP address"))
+    text.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+        format!("{text:?} is not a CIDR network (like 198.18.0.0/24) or an IP address")
+    })
 }
 
 impl AllowPolicy {
@@ -171,12 +174,18 @@ impl DistccdSettings {
         }
         policy.check_allow(&self.allow, "allow")?;
         if self.jobs > MAX_JOBS {
-            return Err(InvalidSetting::new("jobs", format!("{} is above {MAX_JOBS}", self.jobs)));
+            return Err(InvalidSetting::new(
+                "jobs",
+                format!("{} is above {MAX_JOBS}", self.jobs),
+            ));
         }
         if !(0..=19).contains(&self.nice) {
             return Err(InvalidSetting::new(
                 "nice",
-                format!("{} is outside 0..=19 (distccd runs unprivileged)", self.nice),
+                format!(
+                    "{} is outside 0..=19 (distccd runs unprivileged)",
+                    self.nice
+                ),
             ));
         }
         if self.port == 0 {
@@ -196,7 +205,10 @@ impl DistccdSettings {
         if self.job_lifetime_secs > MAX_JOB_LIFETIME_SECS {
             return Err(InvalidSetting::new(
                 "job_lifetime_secs",
-                format!("{} is above {MAX_JOB_LIFETIME_SECS}", self.job_lifetime_secs),
+                format!(
+                    "{} is above {MAX_JOB_LIFETIME_SECS}",
+                    self.job_lifetime_secs
+                ),
             ));
         }
         Ok(())
@@ -243,7 +255,10 @@ impl DistccdSettings {
             args.extend(["--stats-port".to_owned(), self.stats_port.to_string()]);
         }
         if self.job_lifetime_secs > 0 {
-            args.extend(["--job-lifetime".to_owned(), self.job_lifetime_secs.to_string()]);
+            args.extend([
+                "--job-lifetime".to_owned(),
+                self.job_lifetime_secs.to_string(),
+            ]);
         }
         args
     }
@@ -377,6 +392,7 @@ pub struct EnvFileError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -385,11 +401,18 @@ mod tests {
     }
 
     fn policy() -> AllowPolicy {
-        AllowPolicy { allow_within: vec![net("198.18.0.0/15")], permit_public: false }
+        AllowPolicy {
+            allow_within: vec![net("198.18.0.0/15")],
+            permit_public: false,
+        }
     }
 
     fn valid() -> DistccdSettings {
-        DistccdSettings { allow: vec![net("198.18.0.0/24")], jobs: 4, ..Default::default() }
+        DistccdSettings {
+            allow: vec![net("198.18.0.0/24")],
+            jobs: 4,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -399,26 +422,44 @@ mod tests {
 
     #[test]
     fn empty_allowlist_is_refused() {
-        let s = DistccdSettings { allow: vec![], ..valid() };
+        let s = DistccdSettings {
+            allow: vec![],
+            ..valid()
+        };
         assert_eq!(s.validate(&policy()).unwrap_err().field, "allow");
     }
 
     #[test]
     fn whole_internet_is_refused_even_when_public_is_permitted() {
-        let policy = AllowPolicy { allow_within: vec![net("0.0.0.0/0")], permit_public: true };
+        let policy = AllowPolicy {
+            allow_within: vec![net("0.0.0.0/0")],
+            permit_public: true,
+        };
         let err = policy.validate("policy.allow_within").unwrap_err();
         assert_eq!(err.field, "policy.allow_within[0]");
-        let s = DistccdSettings { allow: vec![net("0.0.0.0/0")], ..valid() };
+        let s = DistccdSettings {
+            allow: vec![net("0.0.0.0/0")],
+            ..valid()
+        };
         assert_eq!(s.validate(&policy).unwrap_err().field, "allow[0]");
     }
 
     #[test]
     fn public_range_needs_permission() {
-        let wide = AllowPolicy { allow_within: vec![net("8.8.8.0/24")], permit_public: false };
+        let wide = AllowPolicy {
+            allow_within: vec![net("8.8.8.0/24")],
+            permit_public: false,
+        };
         assert!(wide.validate("policy.allow_within").is_err());
-        let permitted = AllowPolicy { permit_public: true, ..wide };
+        let permitted = AllowPolicy {
+            permit_public: true,
+            ..wide
+        };
         permitted.validate("policy.allow_within").unwrap();
-        let s = DistccdSettings { allow: vec![net("8.8.8.0/25")], ..valid() };
+        let s = DistccdSettings {
+            allow: vec![net("8.8.8.0/25")],
+            ..valid()
+        };
         s.validate(&permitted).unwrap();
     }
 
@@ -436,15 +477,51 @@ mod tests {
     #[test]
     fn ranges_are_checked() {
         let p = policy();
-        assert_eq!(DistccdSettings { nice: 20, ..valid() }.validate(&p).unwrap_err().field, "nice");
-        assert_eq!(DistccdSettings { nice: -1, ..valid() }.validate(&p).unwrap_err().field, "nice");
-        assert_eq!(DistccdSettings { port: 0, ..valid() }.validate(&p).unwrap_err().field, "port");
         assert_eq!(
-            DistccdSettings { stats_port: 3632, ..valid() }.validate(&p).unwrap_err().field,
+            DistccdSettings {
+                nice: 20,
+                ..valid()
+            }
+            .validate(&p)
+            .unwrap_err()
+            .field,
+            "nice"
+        );
+        assert_eq!(
+            DistccdSettings {
+                nice: -1,
+                ..valid()
+            }
+            .validate(&p)
+            .unwrap_err()
+            .field,
+            "nice"
+        );
+        assert_eq!(
+            DistccdSettings { port: 0, ..valid() }
+                .validate(&p)
+                .unwrap_err()
+                .field,
+            "port"
+        );
+        assert_eq!(
+            DistccdSettings {
+                stats_port: 3632,
+                ..valid()
+            }
+            .validate(&p)
+            .unwrap_err()
+            .field,
             "stats_port"
         );
         assert_eq!(
-            DistccdSettings { jobs: MAX_JOBS + 1, ..valid() }.validate(&p).unwrap_err().field,
+            DistccdSettings {
+                jobs: MAX_JOBS + 1,
+                ..valid()
+            }
+            .validate(&p)
+            .unwrap_err()
+            .field,
             "jobs"
         );
     }
@@ -452,7 +529,11 @@ mod tests {
     #[test]
     fn cidr_parsing() {
         assert_eq!(parse_cidr("198.18.0.7").unwrap(), net("198.18.0.7/32"));
-        assert!(parse_cidr("198.18.0.7/24").unwrap_err().contains("198.18.0.0/24"));
+        assert!(
+            parse_cidr("198.18.0.7/24")
+                .unwrap_err()
+                .contains("198.18.0.0/24")
+        );
         assert!(parse_cidr("nonsense").is_err());
         assert!(parse_cidr("198.18.0.0/33").is_err());
     }
@@ -465,10 +546,18 @@ mod tests {
             "--allow 198.18.0.0/24 --allow 127.0.0.1/32 --jobs 4 --nice 10 --listen 0.0.0.0 \
              --port 3632 --stats --stats-port 3633"
         );
-        let specific = DistccdSettings { listen: "198.18.0.11".parse().unwrap(), ..valid() };
+        let specific = DistccdSettings {
+            listen: "198.18.0.11".parse().unwrap(),
+            ..valid()
+        };
         // The listen address is inside the allowlist already: nothing is added.
         assert_eq!(specific.effective_allow(), vec![net("198.18.0.0/24")]);
-        let no_stats = DistccdSettings { stats: false, job_lifetime_secs: 60, jobs: 0, ..valid() };
+        let no_stats = DistccdSettings {
+            stats: false,
+            job_lifetime_secs: 60,
+            jobs: 0,
+            ..valid()
+        };
         assert_eq!(
             no_stats.to_args().join(" "),
             "--allow 198.18.0.0/24 --nice 10 --listen 0.0.0.0 --port 3632 --job-lifetime 60"
@@ -488,7 +577,10 @@ mod tests {
             job_lifetime_secs: 120,
         };
         let text = s.to_env_file();
-        assert_eq!(DistccdSettings::from_env_file(Path::new("x"), &text).unwrap(), s);
+        assert_eq!(
+            DistccdSettings::from_env_file(Path::new("x"), &text).unwrap(),
+            s
+        );
         assert!(text.contains("DISTCCD_OPTS=\"--allow 198.18.0.0/24 --allow 10.1.0.0/16 --jobs 7"));
     }
 
@@ -497,7 +589,10 @@ mod tests {
         let text = "# c\nDISTCCD_ALLOW=\"198.18.0.0/24\"\nDISTCCD_NICE=\"lots\"\n";
         let err = DistccdSettings::from_env_file(Path::new("/s/distccd.env"), text).unwrap_err();
         assert_eq!((err.line, err.key.as_str()), (3, "DISTCCD_NICE"));
-        assert_eq!(err.to_string(), "/s/distccd.env:3: DISTCCD_NICE: \"lots\" is not a number");
+        assert_eq!(
+            err.to_string(),
+            "/s/distccd.env:3: DISTCCD_NICE: \"lots\" is not a number"
+        );
         let err = DistccdSettings::from_env_file(Path::new("f"), "garbage\n").unwrap_err();
         assert_eq!(err.line, 1);
     }

@@ -13,7 +13,10 @@ use crate::settings::{DistccdSettings, EnvFileError};
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Parse(#[from] EnvFileError),
 }
@@ -33,7 +36,10 @@ impl SettingsStore {
     }
 
     fn io(&self, source: std::io::Error) -> StoreError {
-        StoreError::Io { path: self.path.display().to_string(), source }
+        StoreError::Io {
+            path: self.path.display().to_string(),
+            source,
+        }
     }
 
     /// The persisted settings, or `None` when nothing was persisted yet.
@@ -54,16 +60,22 @@ impl SettingsStore {
             .prefix(".distccd.env.")
             .tempfile_in(dir)
             .map_err(|e| self.io(e))?;
-        temp.write_all(settings.to_env_file().as_bytes()).map_err(|e| self.io(e))?;
-        temp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644)).map_err(|e| self.io(e))?;
+        temp.write_all(settings.to_env_file().as_bytes())
+            .map_err(|e| self.io(e))?;
+        temp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| self.io(e))?;
         temp.as_file().sync_all().map_err(|e| self.io(e))?;
         temp.persist(&self.path).map_err(|e| self.io(e.error))?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| self.io(e))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.io(e))?;
         Ok(())
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -79,7 +91,10 @@ mod tests {
         };
         store.save(&settings).unwrap();
         assert_eq!(store.load().unwrap(), Some(settings.clone()));
-        let changed = DistccdSettings { jobs: 9, ..settings };
+        let changed = DistccdSettings {
+            jobs: 9,
+            ..settings
+        };
         store.save(&changed).unwrap();
         assert_eq!(store.load().unwrap(), Some(changed));
         let names: Vec<_> = std::fs::read_dir(dir.path().join("state"))
@@ -87,7 +102,10 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, vec!["distccd.env"]);
-        let mode = std::fs::metadata(store.path()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o644);
     }
 
@@ -97,6 +115,10 @@ mod tests {
         let path = dir.path().join("distccd.env");
         std::fs::write(&path, "DISTCCD_PORT=\"99999\"\n").unwrap();
         let err = SettingsStore::new(path).load().unwrap_err();
-        assert!(err.to_string().ends_with(":1: DISTCCD_PORT: 99999 is outside 0..=65535"), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with(":1: DISTCCD_PORT: 99999 is outside 0..=65535"),
+            "{err}"
+        );
     }
 }

@@ -33,7 +33,10 @@ impl DistccdStats {
     /// `<distccstats>` tags. Free space comes as `80251 MB`; its unit is dropped.
     pub fn parse(page: &str) -> Result<Self, StatsError> {
         let mut lines = page.lines().enumerate();
-        lines.by_ref().find(|(_, l)| l.trim() == "<distccstats>").ok_or(StatsError::NoSection)?;
+        lines
+            .by_ref()
+            .find(|(_, l)| l.trim() == "<distccstats>")
+            .ok_or(StatsError::NoSection)?;
         let mut stats = DistccdStats::default();
         for (index, raw) in lines {
             let line = raw.trim();
@@ -47,7 +50,10 @@ impl DistccdStats {
                 .split_once(char::is_whitespace)
                 .map(|(k, v)| (k, v.trim()))
                 .filter(|(k, _)| k.starts_with("dcc_"))
-                .ok_or_else(|| StatsError::BadLine { line: index + 1, text: raw.to_owned() })?;
+                .ok_or_else(|| StatsError::BadLine {
+                    line: index + 1,
+                    text: raw.to_owned(),
+                })?;
             let numeric = value.strip_suffix(" MB").unwrap_or(value);
             match numeric.parse::<f64>() {
                 Ok(number) if number.is_finite() => {
@@ -63,12 +69,17 @@ impl DistccdStats {
 
     /// A counter; negative or missing values read as 0.
     pub fn counter(&self, key: &str) -> u64 {
-        self.values.get(key).map_or(0, |v| if *v > 0.0 { *v as u64 } else { 0 })
+        self.values
+            .get(key)
+            .map_or(0, |v| if *v > 0.0 { *v as u64 } else { 0 })
     }
 
     /// Fetch and parse the page from distccd's stats port.
     pub async fn fetch(addr: SocketAddr, timeout: Duration) -> Result<Self, StatsError> {
-        let fetch_err = |message: String| StatsError::Fetch { addr: addr.to_string(), message };
+        let fetch_err = |message: String| StatsError::Fetch {
+            addr: addr.to_string(),
+            message,
+        };
         let read = async {
             let mut stream = tokio::net::TcpStream::connect(addr).await?;
             stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
@@ -86,6 +97,7 @@ impl DistccdStats {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -103,13 +115,19 @@ mod tests {
         assert_eq!(stats.values["dcc_io_rate"], -1.0);
         assert_eq!(stats.counter("dcc_io_rate"), 0);
         assert_eq!(stats.text["dcc_longest_job"], "/tmp/t.c");
-        assert_eq!(stats.text["dcc_longest_job_compiler"], "x86_64-linux-gnu-gcc");
+        assert_eq!(
+            stats.text["dcc_longest_job_compiler"],
+            "x86_64-linux-gnu-gcc"
+        );
         assert_eq!(stats.values.len() + stats.text.len(), 27);
     }
 
     #[test]
     fn rejects_pages_without_the_section() {
-        assert_eq!(DistccdStats::parse("HTTP/1.0 200 OK\r\n\r\nhello"), Err(StatsError::NoSection));
+        assert_eq!(
+            DistccdStats::parse("HTTP/1.0 200 OK\r\n\r\nhello"),
+            Err(StatsError::NoSection)
+        );
         assert_eq!(DistccdStats::parse(""), Err(StatsError::NoSection));
     }
 
@@ -124,15 +142,23 @@ mod tests {
         let page = "<distccstats>\ndcc_compile_ok 1\nnot a stats line\n</distccstats>\n";
         assert_eq!(
             DistccdStats::parse(page),
-            Err(StatsError::BadLine { line: 3, text: "not a stats line".to_owned() })
+            Err(StatsError::BadLine {
+                line: 3,
+                text: "not a stats line".to_owned()
+            })
         );
     }
 
     #[tokio::test]
     async fn fetch_reports_a_closed_port() {
         // Bind then drop to get a port nobody listens on.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let err = DistccdStats::fetch(addr, Duration::from_secs(2)).await.unwrap_err();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = DistccdStats::fetch(addr, Duration::from_secs(2))
+            .await
+            .unwrap_err();
         assert!(matches!(err, StatsError::Fetch { .. }), "{err}");
     }
 
@@ -146,7 +172,9 @@ mod tests {
             let _ = socket.read(&mut request).await;
             socket.write_all(REAL_PAGE.as_bytes()).await.unwrap();
         });
-        let stats = DistccdStats::fetch(addr, Duration::from_secs(5)).await.unwrap();
+        let stats = DistccdStats::fetch(addr, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(stats.counter("dcc_compile_ok"), 1);
     }
 }

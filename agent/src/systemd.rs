@@ -22,7 +22,6 @@ pub trait Manager {
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
-    fn clean_unit(&self, name: &str, mask: &[&str]) -> zbus::Result<()>;
     fn enable_unit_files(
         &self,
         files: &[&str],
@@ -31,11 +30,19 @@ pub trait Manager {
     ) -> zbus::Result<(bool, Vec<(String, String, String)>)>;
 
     #[zbus(signal)]
-    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String)
-    -> zbus::Result<()>;
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
 }
 
-#[zbus::proxy(interface = "org.freedesktop.systemd1.Unit", default_service = "org.freedesktop.systemd1")]
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
 pub trait Unit {
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
@@ -49,7 +56,10 @@ pub trait Unit {
     fn unit_file_state(&self) -> zbus::Result<String>;
 }
 
-#[zbus::proxy(interface = "org.freedesktop.systemd1.Service", default_service = "org.freedesktop.systemd1")]
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
 pub trait Service {
     #[zbus(property, name = "MainPID")]
     fn main_pid(&self) -> zbus::Result<u32>;
@@ -112,8 +122,14 @@ impl SystemdUnit {
         job_timeout: Duration,
     ) -> Result<Self, UnitError> {
         let manager = ManagerProxy::new(&connection).await.map_err(bus)?;
-        manager.subscribe().await.map_err(|e| refused("Subscribe", e))?;
-        let path = manager.load_unit(name).await.map_err(|e| refused("LoadUnit", e))?;
+        manager
+            .subscribe()
+            .await
+            .map_err(|e| refused("Subscribe", e))?;
+        let path = manager
+            .load_unit(name)
+            .await
+            .map_err(|e| refused("LoadUnit", e))?;
         // Fresh reads every time: the cache would lag behind the job we just waited for.
         let unit = UnitProxy::builder(&connection)
             .path(path.clone())
@@ -132,7 +148,14 @@ impl SystemdUnit {
             .build()
             .await
             .map_err(bus)?;
-        Ok(Self { name: name.to_owned(), manager, unit, service, properties, job_timeout })
+        Ok(Self {
+            name: name.to_owned(),
+            manager,
+            unit,
+            service,
+            properties,
+            job_timeout,
+        })
     }
 
     /// Issue a job and wait for its JobRemoved signal. The signal subscription is made
@@ -152,13 +175,19 @@ impl SystemdUnit {
             }
             Err(UnitError::Bus("signal stream ended".to_owned()))
         };
-        let result = tokio::time::timeout(self.job_timeout, wait).await.map_err(|_| {
-            UnitError::Timeout { operation: operation.to_owned(), seconds: self.job_timeout.as_secs() }
-        })??;
+        let result = tokio::time::timeout(self.job_timeout, wait)
+            .await
+            .map_err(|_| UnitError::Timeout {
+                operation: operation.to_owned(),
+                seconds: self.job_timeout.as_secs(),
+            })??;
         if result == "done" {
             Ok(())
         } else {
-            Err(UnitError::JobFailed { operation: operation.to_owned(), result })
+            Err(UnitError::JobFailed {
+                operation: operation.to_owned(),
+                result,
+            })
         }
     }
 }
@@ -182,13 +211,15 @@ impl UnitControl for SystemdUnit {
 
     fn reset_failed(&self) -> UnitFuture<'_, ()> {
         Box::pin(async move {
-            self.manager.reset_failed_unit(&self.name).await.map_err(|e| refused("reset-failed", e))
-        })
-    }
-
-    fn clean_cache(&self) -> UnitFuture<'_, ()> {
-        Box::pin(async move {
-            self.manager.clean_unit(&self.name, &["cache"]).await.map_err(|e| refused("clean", e))
+            match self.manager.reset_failed_unit(&self.name).await {
+                // A stopped unit may already be unloaded (garbage-collected): nothing to reset.
+                Err(zbus::Error::MethodError(name, _, _))
+                    if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
+                {
+                    Ok(())
+                }
+                other => other.map_err(|e| refused("reset-failed", e)),
+            }
         })
     }
 
@@ -212,9 +243,12 @@ impl UnitControl for SystemdUnit {
                 self.unit.unit_file_state(),
             )
             .map_err(bus)?;
-            let (main_pid, n_restarts, result) =
-                tokio::try_join!(self.service.main_pid(), self.service.n_restarts(), self.service.result())
-                    .map_err(bus)?;
+            let (main_pid, n_restarts, result) = tokio::try_join!(
+                self.service.main_pid(),
+                self.service.n_restarts(),
+                self.service.result()
+            )
+            .map_err(bus)?;
             Ok(UnitState {
                 load_state,
                 active_state,
@@ -230,7 +264,11 @@ impl UnitControl for SystemdUnit {
 
     fn changes(&self) -> UnitFuture<'_, ChangeStream> {
         Box::pin(async move {
-            let stream = self.properties.receive_properties_changed().await.map_err(bus)?;
+            let stream = self
+                .properties
+                .receive_properties_changed()
+                .await
+                .map_err(bus)?;
             Ok(Box::pin(stream.map(|_| ())) as ChangeStream)
         })
     }

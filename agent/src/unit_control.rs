@@ -64,8 +64,6 @@ pub trait UnitControl: Send + Sync + 'static {
     fn stop(&self) -> UnitFuture<'_, ()>;
     fn restart(&self) -> UnitFuture<'_, ()>;
     fn reset_failed(&self) -> UnitFuture<'_, ()>;
-    /// Remove the unit's cache directory (`CacheDirectory=`, distccd's TMPDIR).
-    fn clean_cache(&self) -> UnitFuture<'_, ()>;
     /// Enable the unit file so the unit starts at boot.
     fn enable(&self) -> UnitFuture<'_, ()>;
     fn state(&self) -> UnitFuture<'_, UnitState>;

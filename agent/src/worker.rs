@@ -38,8 +38,14 @@ pub enum WorkerError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// distccd did not come up with the new settings; the previous ones are back.
-    #[error("{reason}; restored the previous settings ({restored}). distccd's last log lines:\n{journal}")]
-    RolledBack { reason: String, restored: String, journal: String },
+    #[error(
+        "{reason}; restored the previous settings ({restored}). distccd's last log lines:\n{journal}"
+    )]
+    RolledBack {
+        reason: String,
+        restored: String,
+        journal: String,
+    },
 }
 
 /// A partial update of the settings: `None` keeps the current value.
@@ -63,7 +69,9 @@ impl SettingsUpdate {
             next.allow = allow
                 .iter()
                 .enumerate()
-                .map(|(i, cidr)| parse_cidr(cidr).map_err(|m| InvalidSetting::new(format!("allow[{i}]"), m)))
+                .map(|(i, cidr)| {
+                    parse_cidr(cidr).map_err(|m| InvalidSetting::new(format!("allow[{i}]"), m))
+                })
                 .collect::<Result<_, _>>()?;
         }
         if let Some(jobs) = self.jobs {
@@ -73,15 +81,17 @@ impl SettingsUpdate {
             next.nice = nice;
         }
         if let Some(listen) = &self.listen {
-            next.listen = listen
-                .parse()
-                .map_err(|_| InvalidSetting::new("listen", format!("{listen:?} is not an IP address")))?;
+            next.listen = listen.parse().map_err(|_| {
+                InvalidSetting::new("listen", format!("{listen:?} is not an IP address"))
+            })?;
         }
         let port = |value: u32, field: &str| {
             u16::try_from(value)
                 .ok()
                 .filter(|p| *p != 0)
-                .ok_or_else(|| InvalidSetting::new(field, format!("{value} is not a port (1..=65535)")))
+                .ok_or_else(|| {
+                    InvalidSetting::new(field, format!("{value} is not a port (1..=65535)"))
+                })
         };
         if let Some(p) = self.port {
             next.port = port(p, "port")?;
@@ -130,12 +140,17 @@ impl<U: UnitControl> Worker<U> {
             catalog: CompilerCatalog::default(),
             ops: Mutex::new(()),
             state: watch::Sender::new(UnitState::default()),
-            hostname: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+            hostname: hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         }
     }
 
     pub fn config(&self) -> Arc<AgentConfig> {
-        self.config.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn unit(&self) -> &U {
@@ -160,7 +175,10 @@ impl<U: UnitControl> Worker<U> {
 
     /// The settings in effect: persisted ones, else the config's defaults.
     pub fn current_settings(&self) -> Result<DistccdSettings, StoreError> {
-        Ok(self.store.load()?.unwrap_or_else(|| self.config().distccd.clone()))
+        Ok(self
+            .store
+            .load()?
+            .unwrap_or_else(|| self.config().distccd.clone()))
     }
 
     /// Whether an allowlist is configured at all (the shipped default config has none).
@@ -183,7 +201,9 @@ impl<U: UnitControl> Worker<U> {
         self.store.save(&defaults)?;
         self.unit.enable().await?;
         self.unit.start().await?;
-        self.wait_serving(&defaults).await.map_err(WorkerError::Precondition)?;
+        self.wait_serving(&defaults)
+            .await
+            .map_err(WorkerError::Precondition)?;
         Ok(true)
     }
 
@@ -193,7 +213,10 @@ impl<U: UnitControl> Worker<U> {
         let old = self.config();
         let defaults_changed = old.distccd != new.distccd;
         let distccd = new.distccd.clone();
-        *self.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
+        *self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
         if !defaults_changed || distccd.allow.is_empty() {
             return Ok(None);
         }
@@ -203,7 +226,10 @@ impl<U: UnitControl> Worker<U> {
 
     /// Validate `update` against the policy, persist it, restart distccd and wait until
     /// it serves; on failure restore the previous settings.
-    pub async fn configure(&self, update: &SettingsUpdate) -> Result<ConfigureOutcome, WorkerError> {
+    pub async fn configure(
+        &self,
+        update: &SettingsUpdate,
+    ) -> Result<ConfigureOutcome, WorkerError> {
         let _guard = self.ops.lock().await;
         let previous = self.current_settings()?;
         let next = update.apply_to(&previous)?;
@@ -216,7 +242,12 @@ impl<U: UnitControl> Worker<U> {
         let previous = self.current_settings()?;
         let unit_before = self.unit.state().await?;
         if next == previous && unit_before.is_active() && self.store.load()?.is_some() {
-            return Ok(ConfigureOutcome { previous: previous.clone(), applied: next, changed: false, unit: unit_before });
+            return Ok(ConfigureOutcome {
+                previous: previous.clone(),
+                applied: next,
+                changed: false,
+                unit: unit_before,
+            });
         }
         self.store.save(&next)?;
         let outcome = match self.unit.restart().await {
@@ -226,7 +257,12 @@ impl<U: UnitControl> Worker<U> {
         match outcome {
             Ok(unit) => {
                 tracing::info!(settings = ?next, "distccd restarted with new settings");
-                Ok(ConfigureOutcome { previous, applied: next, changed: true, unit })
+                Ok(ConfigureOutcome {
+                    previous,
+                    applied: next,
+                    changed: true,
+                    unit,
+                })
             }
             Err(reason) => Err(self.roll_back(&previous, reason).await),
         }
@@ -248,7 +284,11 @@ impl<U: UnitControl> Worker<U> {
             Ok(state) => format!("distccd {}", state.describe()),
             Err(e) => format!("but distccd did not come back either: {e}"),
         };
-        WorkerError::RolledBack { reason, restored, journal }
+        WorkerError::RolledBack {
+            reason,
+            restored,
+            journal,
+        }
     }
 
     /// Wait until distccd is active and listening on its port, or has failed.
@@ -257,7 +297,11 @@ impl<U: UnitControl> Worker<U> {
         loop {
             let state = self.refresh_state().await.map_err(|e| e.to_string())?;
             if state.has_failed() {
-                return Err(format!("distccd failed to start ({}, result {})", state.describe(), state.result));
+                return Err(format!(
+                    "distccd failed to start ({}, result {})",
+                    state.describe(),
+                    state.result
+                ));
             }
             if state.is_active() && is_listening(settings.port) {
                 return Ok(state);
@@ -284,15 +328,23 @@ impl<U: UnitControl> Worker<U> {
             .kill_on_drop(true)
             .output();
         match tokio::time::timeout(Duration::from_secs(5), output).await {
-            Ok(Ok(out)) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim_end().to_owned(),
-            Ok(Ok(out)) => format!("(journalctl failed: {})", String::from_utf8_lossy(&out.stderr).trim()),
+            Ok(Ok(out)) if out.status.success() => {
+                String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
+            }
+            Ok(Ok(out)) => format!(
+                "(journalctl failed: {})",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
             Ok(Err(e)) => format!("(journalctl: {e})"),
             Err(_) => "(journalctl did not answer)".to_owned(),
         }
     }
 
     /// Start, stop, restart or reset distccd. Returns the steps taken.
-    pub async fn control(&self, action: pb::ControlAction) -> Result<(UnitState, Vec<String>), WorkerError> {
+    pub async fn control(
+        &self,
+        action: pb::ControlAction,
+    ) -> Result<(UnitState, Vec<String>), WorkerError> {
         let _guard = self.ops.lock().await;
         let mut steps = Vec::new();
         let needs_allowlist = !matches!(action, pb::ControlAction::Stop);
@@ -303,7 +355,10 @@ impl<U: UnitControl> Worker<U> {
         }
         match action {
             pb::ControlAction::Unspecified => {
-                return Err(WorkerError::Invalid(InvalidSetting::new("action", "must be set")));
+                return Err(WorkerError::Invalid(InvalidSetting::new(
+                    "action",
+                    "must be set",
+                )));
             }
             pb::ControlAction::Start => {
                 self.ensure_persisted()?;
@@ -322,11 +377,10 @@ impl<U: UnitControl> Worker<U> {
             pb::ControlAction::Reset => {
                 self.ensure_persisted()?;
                 self.unit.stop().await?;
-                steps.push("stopped".to_owned());
+                // distccd.service has PrivateTmp=: systemd deleted its TMPDIR on stop.
+                steps.push("stopped (systemd removed distccd's private TMPDIR)".to_owned());
                 self.unit.reset_failed().await?;
                 steps.push("reset failed state".to_owned());
-                self.unit.clean_cache().await?;
-                steps.push(format!("cleared {}", self.config().distccd_tmpdir.display()));
                 self.unit.start().await?;
                 steps.push("started".to_owned());
             }
@@ -334,7 +388,9 @@ impl<U: UnitControl> Worker<U> {
         let state = if matches!(action, pb::ControlAction::Stop) {
             self.refresh_state().await?
         } else {
-            self.wait_serving(&self.current_settings()?).await.map_err(WorkerError::Precondition)?
+            self.wait_serving(&self.current_settings()?)
+                .await
+                .map_err(WorkerError::Precondition)?
         };
         Ok((state, steps))
     }
@@ -357,7 +413,10 @@ impl<U: UnitControl> Worker<U> {
         steps.push("enabled".to_owned());
         self.unit.start().await?;
         steps.push("started".to_owned());
-        let state = self.wait_serving(&settings).await.map_err(WorkerError::Precondition)?;
+        let state = self
+            .wait_serving(&settings)
+            .await
+            .map_err(WorkerError::Precondition)?;
         Ok((state, steps))
     }
 
@@ -373,7 +432,10 @@ impl<U: UnitControl> Worker<U> {
     /// Fetch distccd's statistics page, when stats are on.
     pub async fn stats(&self, settings: &DistccdSettings) -> pb::DistccdStats {
         if !settings.stats {
-            return pb::DistccdStats { error: "stats are off (Configure stats=true)".to_owned(), ..Default::default() };
+            return pb::DistccdStats {
+                error: "stats are off (Configure stats=true)".to_owned(),
+                ..Default::default()
+            };
         }
         let addr = SocketAddr::new(settings.agent_connect_addr(), settings.stats_port);
         match DistccdStats::fetch(addr, STATS_TIMEOUT).await {
@@ -381,7 +443,10 @@ impl<U: UnitControl> Worker<U> {
                 jobs_running: crate::listening::established_to(settings.port) as u32,
                 ..stats_to_proto(&stats)
             },
-            Err(e) => pb::DistccdStats { error: e.to_string(), ..Default::default() },
+            Err(e) => pb::DistccdStats {
+                error: e.to_string(),
+                ..Default::default()
+            },
         }
     }
 
@@ -394,7 +459,10 @@ impl<U: UnitControl> Worker<U> {
         let stats = if unit.is_active() {
             self.stats(&settings).await
         } else {
-            pb::DistccdStats { error: format!("distccd is {}", unit.describe()), ..Default::default() }
+            pb::DistccdStats {
+                error: format!("distccd is {}", unit.describe()),
+                ..Default::default()
+            }
         };
         let compilers = self
             .catalog
@@ -416,7 +484,11 @@ impl<U: UnitControl> Worker<U> {
             hostname: self.hostname.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             unit: Some(unit_to_proto(&unit)),
-            effective_allow: settings.effective_allow().iter().map(ToString::to_string).collect(),
+            effective_allow: settings
+                .effective_allow()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             settings: Some(settings_to_proto(&settings)),
             capacity: Some(pb::Capacity {
                 online_cpus: capacity.online_cpus,
@@ -430,7 +502,11 @@ impl<U: UnitControl> Worker<U> {
             }),
             stats: Some(stats),
             compilers,
-            distcc_version: self.catalog.version_of("distccd").await.unwrap_or_else(|e| format!("unknown ({e})")),
+            distcc_version: self
+                .catalog
+                .version_of("distccd")
+                .await
+                .unwrap_or_else(|e| format!("unknown ({e})")),
             taken_at_usec: now_usec(),
         })
     }
@@ -450,7 +526,10 @@ impl<U: UnitControl> Worker<U> {
         let settings = self.current_settings().unwrap_or_default();
         let stats = self.stats(&settings).await;
         if stats.available {
-            format!("distccd active, {} jobs running, {} slots", stats.jobs_running, stats.max_kids)
+            format!(
+                "distccd active, {} jobs running, {} slots",
+                stats.jobs_running, stats.max_kids
+            )
         } else {
             format!("distccd active ({})", stats.error)
         }
@@ -462,17 +541,29 @@ impl<U: UnitControl> Worker<U> {
         let mut checks = Vec::new();
         let mut check = |name: &str, result: Result<String, (String, String)>| {
             checks.push(match result {
-                Ok(reason) => pb::Check { name: name.to_owned(), passed: true, reason, hint: String::new() },
-                Err((reason, hint)) => pb::Check { name: name.to_owned(), passed: false, reason, hint },
+                Ok(reason) => pb::Check {
+                    name: name.to_owned(),
+                    passed: true,
+                    reason,
+                    hint: String::new(),
+                },
+                Err((reason, hint)) => pb::Check {
+                    name: name.to_owned(),
+                    passed: false,
+                    reason,
+                    hint,
+                },
             });
         };
 
         check(
             "distccd-installed",
-            self.catalog
-                .version_of("distccd")
-                .await
-                .map_err(|e| (format!("distccd --version: {e}"), "apt-get install distcc".to_owned())),
+            self.catalog.version_of("distccd").await.map_err(|e| {
+                (
+                    format!("distccd --version: {e}"),
+                    "apt-get install distcc".to_owned(),
+                )
+            }),
         );
 
         let unit = self.refresh_state().await;
@@ -480,10 +571,14 @@ impl<U: UnitControl> Worker<U> {
         check(
             "unit-loaded",
             match &unit {
-                Ok(s) if s.load_state == "loaded" => Ok(format!("{unit_name} loaded ({})", s.unit_file_state)),
+                Ok(s) if s.load_state == "loaded" => {
+                    Ok(format!("{unit_name} loaded ({})", s.unit_file_state))
+                }
                 Ok(s) => Err((
                     format!("{unit_name} is {}", s.load_state),
-                    format!("install {unit_name} (package distcc-agent) and run systemctl daemon-reload"),
+                    format!(
+                        "install {unit_name} (package distcc-agent) and run systemctl daemon-reload"
+                    ),
                 )),
                 Err(e) => Err((e.to_string(), "is systemd reachable over D-Bus?".to_owned())),
             },
@@ -491,7 +586,9 @@ impl<U: UnitControl> Worker<U> {
         check(
             "unit-active",
             match &unit {
-                Ok(s) if s.is_active() => Ok(format!("{unit_name} {} (pid {})", s.describe(), s.main_pid)),
+                Ok(s) if s.is_active() => {
+                    Ok(format!("{unit_name} {} (pid {})", s.describe(), s.main_pid))
+                }
                 Ok(s) => Err((
                     format!("{unit_name} is {}", s.describe()),
                     format!("builderctl bootstrap, or see journalctl -u {unit_name}"),
@@ -507,7 +604,10 @@ impl<U: UnitControl> Worker<U> {
             if is_listening(port) {
                 Ok(format!("TCP port {port} is listening"))
             } else {
-                Err((format!("nothing listens on TCP port {port}"), "start distccd (Control START)".to_owned()))
+                Err((
+                    format!("nothing listens on TCP port {port}"),
+                    "start distccd (Control START)".to_owned(),
+                ))
             },
         );
         check(
@@ -519,27 +619,50 @@ impl<U: UnitControl> Worker<U> {
                         let allow: Vec<String> = s.allow.iter().map(ToString::to_string).collect();
                         format!("allow {}", allow.join(", "))
                     })
-                    .map_err(|e| (e.to_string(), "set [distccd] allow to the builders' networks".to_owned())),
-                Err(e) => Err((e.to_string(), "fix or remove the file; the agent rewrites it".to_owned())),
+                    .map_err(|e| {
+                        (
+                            e.to_string(),
+                            "set [distccd] allow to the builders' networks".to_owned(),
+                        )
+                    }),
+                Err(e) => Err((
+                    e.to_string(),
+                    "fix or remove the file; the agent rewrites it".to_owned(),
+                )),
             },
         );
 
         let links = crate::compilers::masquerade_links(&config.masquerade_dir).unwrap_or_default();
-        let missing: Vec<&str> =
-            REQUIRED_COMPILERS.iter().copied().filter(|c| !links.iter().any(|l| l == c)).collect();
+        let missing: Vec<&str> = REQUIRED_COMPILERS
+            .iter()
+            .copied()
+            .filter(|c| !links.iter().any(|l| l == c))
+            .collect();
         check(
             "masquerade-links",
             if missing.is_empty() {
-                Ok(format!("{} links in {}", links.len(), config.masquerade_dir.display()))
+                Ok(format!(
+                    "{} links in {}",
+                    links.len(),
+                    config.masquerade_dir.display()
+                ))
             } else {
                 Err((
-                    format!("no link for {} in {}", missing.join(", "), config.masquerade_dir.display()),
+                    format!(
+                        "no link for {} in {}",
+                        missing.join(", "),
+                        config.masquerade_dir.display()
+                    ),
                     "run update-distcc-symlinks (as root)".to_owned(),
                 ))
             },
         );
 
-        let compilers = self.catalog.describe(&config.masquerade_dir, true).await.unwrap_or_default();
+        let compilers = self
+            .catalog
+            .describe(&config.masquerade_dir, true)
+            .await
+            .unwrap_or_default();
         let broken: Vec<String> = compilers
             .iter()
             .filter(|c| !c.error.is_empty())
@@ -548,13 +671,23 @@ impl<U: UnitControl> Worker<U> {
         check(
             "compilers-run",
             if compilers.is_empty() {
-                Err(("no compilers found".to_owned(), "apt-get install gcc g++".to_owned()))
+                Err((
+                    "no compilers found".to_owned(),
+                    "apt-get install gcc g++".to_owned(),
+                ))
             } else if broken.is_empty() {
                 let versions: std::collections::BTreeSet<&str> =
                     compilers.iter().map(|c| c.version.as_str()).collect();
-                Ok(format!("{} compilers run: {}", compilers.len(), versions.into_iter().collect::<Vec<_>>().join(", ")))
+                Ok(format!(
+                    "{} compilers run: {}",
+                    compilers.len(),
+                    versions.into_iter().collect::<Vec<_>>().join(", ")
+                ))
             } else {
-                Err((broken.join("; "), "reinstall the compiler or run update-distcc-symlinks".to_owned()))
+                Err((
+                    broken.join("; "),
+                    "reinstall the compiler or run update-distcc-symlinks".to_owned(),
+                ))
             },
         );
 
@@ -562,11 +695,20 @@ impl<U: UnitControl> Worker<U> {
         check(
             "tmpdir-space",
             if free >= MIN_FREE_TMP_BYTES {
-                Ok(format!("{} MiB free in {}", free >> 20, config.distccd_tmpdir.display()))
+                Ok(format!(
+                    "{} MiB free in {}",
+                    free >> 20,
+                    config.distccd_tmpdir.display()
+                ))
             } else {
                 Err((
-                    format!("only {} MiB free in {}", free >> 20, config.distccd_tmpdir.display()),
-                    "free disk space; distccd keeps preprocessed sources and objects there".to_owned(),
+                    format!(
+                        "only {} MiB free in {}",
+                        free >> 20,
+                        config.distccd_tmpdir.display()
+                    ),
+                    "free disk space; distccd keeps preprocessed sources and objects there"
+                        .to_owned(),
                 ))
             },
         );
@@ -592,7 +734,9 @@ impl<U: UnitControl> Worker<U> {
 /// distccd processes not in `unit`'s cgroup: Debian's SysV `distcc` service or a manual one
 /// would fight ours for the port.
 fn foreign_distccd_pids(unit: &str) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
@@ -606,7 +750,9 @@ fn foreign_distccd_pids(unit: &str) -> Vec<u32> {
 }
 
 fn now_usec() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 pub fn unit_to_proto(s: &UnitState) -> pb::UnitState {

@@ -5,6 +5,9 @@
 //!
 //! Needs root (namespaces, nspawn). Run with `cargo test -p distcc-agent --test worker_in_container`.
 
+// A failed step should fail the test loudly, with the value that was not there.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -20,7 +23,9 @@ use tonic::transport::Channel;
 const TOKEN: &str = "test-token-0123456789abcdef";
 const AGENT_PORT: u16 = 3634;
 
-type Client = DistccAgentClient<InterceptedService<Channel, Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>>>;
+type AddToken =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Client = DistccAgentClient<InterceptedService<Channel, AddToken>>;
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -38,20 +43,41 @@ impl AgentWorker {
     async fn start(bed: &Testbed, name: &str, state_dir: Option<&Path>) -> AgentWorker {
         let mut spec = WorkerSpec::new(name)
             .bind_ro(env!("CARGO_BIN_EXE_distcc-agent"), "/usr/bin/distcc-agent")
-            .bind_ro(repo_file("systemd/distcc-agent.service"), "/etc/systemd/system/distcc-agent.service")
-            .bind_ro(repo_file("systemd/distccd.service"), "/etc/systemd/system/distccd.service")
-            .bind_ro(repo_file("systemd/distcc-agent.rules"), "/etc/polkit-1/rules.d/50-distcc-agent.rules")
-            .bind_ro(repo_file("systemd/distcc-agent.sysusers"), "/etc/sysusers.d/distcc-agent.conf")
-            .bind_ro(repo_file("systemd/distcc-agent.tmpfiles"), "/etc/tmpfiles.d/distcc-agent.conf");
+            .bind_ro(
+                repo_file("systemd/distcc-agent.service"),
+                "/etc/systemd/system/distcc-agent.service",
+            )
+            .bind_ro(
+                repo_file("systemd/distccd.service"),
+                "/etc/systemd/system/distccd.service",
+            )
+            .bind_ro(
+                repo_file("systemd/distcc-agent.rules"),
+                "/etc/polkit-1/rules.d/50-distcc-agent.rules",
+            )
+            .bind_ro(
+                repo_file("systemd/distcc-agent.sysusers"),
+                "/etc/sysusers.d/distcc-agent.conf",
+            )
+            .bind_ro(
+                repo_file("systemd/distcc-agent.tmpfiles"),
+                "/etc/tmpfiles.d/distcc-agent.conf",
+            );
         if let Some(dir) = state_dir {
             // Survives the container: proves settings persist across a reboot.
             spec = spec.bind(dir, "/var/lib/distcc-agent");
         }
         let container = bed.boot_worker(spec).expect("boot worker");
         container
-            .write_file("/etc/distcc-agent/token", format!("{TOKEN}\n").as_bytes(), 0o640)
+            .write_file(
+                "/etc/distcc-agent/token",
+                format!("{TOKEN}\n").as_bytes(),
+                0o640,
+            )
             .expect("write token");
-        container.exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/token"]).expect("chgrp token");
+        container
+            .exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/token"])
+            .expect("chgrp token");
         let config = format!(
             "listen = \"0.0.0.0:{AGENT_PORT}\"\ntoken_file = \"/etc/distcc-agent/token\"\n\
              job_timeout_secs = 15\n\
@@ -59,10 +85,17 @@ impl AgentWorker {
              [distccd]\nallow = [\"{subnet}\"]\njobs = 3\nnice = 10\nlisten = \"0.0.0.0\"\nport = 3632\n",
             subnet = bed.subnet()
         );
-        container.write_file("/etc/distcc-agent/agent.toml", config.as_bytes(), 0o644).expect("write config");
-        container.exec_ok(&["systemctl", "start", "distcc-agent"]).unwrap_or_else(|e| {
-            panic!("starting distcc-agent: {e:#}\n{}", container.journal("distcc-agent.service", 50))
-        });
+        container
+            .write_file("/etc/distcc-agent/agent.toml", config.as_bytes(), 0o644)
+            .expect("write config");
+        container
+            .exec_ok(&["systemctl", "start", "distcc-agent"])
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting distcc-agent: {e:#}\n{}",
+                    container.journal("distcc-agent.service", 50)
+                )
+            });
         let channel = Channel::from_shared(format!("http://{}:{AGENT_PORT}", container.ip()))
             .unwrap()
             .connect_timeout(Duration::from_secs(5))
@@ -73,14 +106,13 @@ impl AgentWorker {
     }
 
     fn client_with(&self, token: Option<&'static str>) -> Client {
-        let interceptor: Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send> =
-            Box::new(move |mut request: tonic::Request<()>| {
-                if let Some(token) = token {
-                    let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-                    request.metadata_mut().insert("authorization", value);
-                }
-                Ok(request)
-            });
+        let interceptor: AddToken = Box::new(move |mut request: tonic::Request<()>| {
+            if let Some(token) = token {
+                let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+                request.metadata_mut().insert("authorization", value);
+            }
+            Ok(request)
+        });
         DistccAgentClient::with_interceptor(self.channel.clone(), interceptor)
     }
 
@@ -89,13 +121,24 @@ impl AgentWorker {
     }
 
     async fn status(&self) -> pb::WorkerStatus {
-        self.client().status(pb::StatusRequest::default()).await.expect("Status").into_inner()
+        self.client()
+            .status(pb::StatusRequest::default())
+            .await
+            .expect("Status")
+            .into_inner()
     }
 
     async fn health(&self) -> i32 {
         let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
-        let request = tonic_health::pb::HealthCheckRequest { service: distcc_proto::SERVICE_NAME.to_owned() };
-        health.check(request).await.expect("health check needs no token").into_inner().status
+        let request = tonic_health::pb::HealthCheckRequest {
+            service: distcc_proto::SERVICE_NAME.to_owned(),
+        };
+        health
+            .check(request)
+            .await
+            .expect("health check needs no token")
+            .into_inner()
+            .status
     }
 
     /// distccd's command line inside the container.
@@ -127,6 +170,8 @@ fn remote_compile(host: std::net::Ipv4Addr) -> Result<(), String> {
     let source = dir.path().join("unit.c");
     std::fs::write(&source, "int twice(int x) { return 2 * x; }\n").unwrap();
     let object = dir.path().join("unit.o");
+    // A fresh DISTCC_DIR per compile: distcc's backoff memory must not leak between checks.
+    std::fs::create_dir(dir.path().join("distcc")).unwrap();
     let output = Command::new("distcc")
         .args(["gcc", "-c"])
         .arg(&source)
@@ -140,7 +185,10 @@ fn remote_compile(host: std::net::Ipv4Addr) -> Result<(), String> {
     if output.status.success() && object.exists() {
         Ok(())
     } else {
-        Err(format!("distcc failed: {}", String::from_utf8_lossy(&output.stderr)))
+        Err(format!(
+            "distcc failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
     }
 }
 
@@ -166,34 +214,60 @@ async fn status_auth_compile_and_validate() {
         .expect("systemd-analyze verify");
 
     // sd-notify: READY reached (systemctl start returned) and a readable STATUS= line.
-    let status_text = w.container.exec_ok(&["systemctl", "show", "-P", "StatusText", "distcc-agent"]).unwrap();
+    let status_text = w
+        .container
+        .exec_ok(&["systemctl", "show", "-P", "StatusText", "distcc-agent"])
+        .unwrap();
     assert!(status_text.starts_with("distccd active"), "{status_text}");
     // The agent runs as its own unprivileged user.
-    let user = w.container.exec_ok(&["systemctl", "show", "-P", "User", "distcc-agent"]).unwrap();
+    let user = w
+        .container
+        .exec_ok(&["systemctl", "show", "-P", "User", "distcc-agent"])
+        .unwrap();
     assert_eq!(user.trim(), "distcc-agent");
 
     // No token, wrong token: Unauthenticated. Health needs none.
     for token in [None, Some("wrong-token-0123456789abcdef")] {
-        let err = w.client_with(token).status(pb::StatusRequest::default()).await.unwrap_err();
+        let err = w
+            .client_with(token)
+            .status(pb::StatusRequest::default())
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{token:?}: {err}");
     }
-    assert_eq!(w.health().await, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        w.health().await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     // First start bootstrapped distccd with the configured settings.
     let status = w.status().await;
     let unit = status.unit.clone().unwrap();
-    assert_eq!((unit.active_state.as_str(), unit.sub_state.as_str()), ("active", "running"));
+    assert_eq!(
+        (unit.active_state.as_str(), unit.sub_state.as_str()),
+        ("active", "running")
+    );
     assert_eq!(unit.unit_file_state, "enabled");
     assert!(unit.main_pid > 0 && unit.state_since_usec > 0);
     assert_eq!(status.hostname, "w1");
     assert_eq!(status.agent_version, env!("CARGO_PKG_VERSION"));
-    assert!(status.distcc_version.starts_with("distccd 3.4"), "{}", status.distcc_version);
+    assert!(
+        status.distcc_version.starts_with("distccd 3.4"),
+        "{}",
+        status.distcc_version
+    );
     let settings = status.settings.clone().unwrap();
     assert_eq!(settings.allow, vec![bed.subnet().to_string()]);
     assert_eq!((settings.jobs, settings.nice, settings.port), (3, 10, 3632));
     let capacity = status.capacity.clone().unwrap();
-    assert!(capacity.online_cpus >= 1 && capacity.mem_total_bytes > 0 && capacity.tmpdir_free_bytes > 0);
-    let gcc = status.compilers.iter().find(|c| c.name == "gcc").expect("gcc masquerade link");
+    assert!(
+        capacity.online_cpus >= 1 && capacity.mem_total_bytes > 0 && capacity.tmpdir_free_bytes > 0
+    );
+    let gcc = status
+        .compilers
+        .iter()
+        .find(|c| c.name == "gcc")
+        .expect("gcc masquerade link");
     assert!(gcc.version.contains("12."), "{gcc:?}");
     assert_eq!(gcc.target, "x86_64-linux-gnu");
     assert_eq!(gcc.fingerprint.len(), 64);
@@ -201,8 +275,14 @@ async fn status_auth_compile_and_validate() {
     assert!(stats.available, "{}", stats.error);
     assert_eq!(stats.max_kids, 3);
     let cmdline = w.distccd_cmdline(unit.main_pid);
-    assert!(cmdline.contains(&format!("--allow {}", bed.subnet())), "{cmdline}");
-    assert!(cmdline.contains("--jobs 3") && cmdline.contains("--nice 10"), "{cmdline}");
+    assert!(
+        cmdline.contains(&format!("--allow {}", bed.subnet())),
+        "{cmdline}"
+    );
+    assert!(
+        cmdline.contains("--jobs 3") && cmdline.contains("--nice 10"),
+        "{cmdline}"
+    );
 
     // A real compile from the builder, and distccd's statistics count it.
     remote_compile(w.container.ip()).expect("remote compile");
@@ -210,7 +290,12 @@ async fn status_auth_compile_and_validate() {
     assert_eq!(stats.compile_ok, 1, "{stats:?}");
 
     // Validate: every check passes on a healthy worker, by name.
-    let report = w.client().validate(pb::ValidateRequest {}).await.unwrap().into_inner();
+    let report = w
+        .client()
+        .validate(pb::ValidateRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let names: Vec<&str> = report.checks.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
         names,
@@ -231,10 +316,29 @@ async fn status_auth_compile_and_validate() {
 
     // Debian's own SysV distcc running beside ours is caught.
     w.container
-        .exec_ok(&["systemd-run", "--unit=rogue-distcc", "distccd", "--no-detach", "--daemon", "--port", "3700", "--allow", "127.0.0.1"])
+        .exec_ok(&[
+            "systemd-run",
+            "--unit=rogue-distcc",
+            "distccd",
+            "--no-detach",
+            "--daemon",
+            "--port",
+            "3700",
+            "--allow",
+            "127.0.0.1",
+        ])
         .unwrap();
-    let report = w.client().validate(pb::ValidateRequest {}).await.unwrap().into_inner();
-    let foreign = report.checks.iter().find(|c| c.name == "no-foreign-distccd").unwrap();
+    let report = w
+        .client()
+        .validate(pb::ValidateRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let foreign = report
+        .checks
+        .iter()
+        .find(|c| c.name == "no-foreign-distccd")
+        .unwrap();
     assert!(!foreign.passed && !report.all_passed, "{foreign:?}");
     assert!(!foreign.hint.is_empty());
 }
@@ -250,7 +354,9 @@ async fn configure_applies_validates_and_rolls_back() {
     let builder = format!("{}/32", bed.host_ip());
     let response = client
         .configure(pb::ConfigureRequest {
-            allow: Some(pb::AllowList { cidrs: vec![builder.clone()] }),
+            allow: Some(pb::AllowList {
+                cidrs: vec![builder.clone()],
+            }),
             jobs: Some(2),
             ..Default::default()
         })
@@ -258,19 +364,27 @@ async fn configure_applies_validates_and_rolls_back() {
         .expect("Configure")
         .into_inner();
     assert!(response.changed);
-    assert_eq!(response.applied.as_ref().unwrap().allow, vec![builder.clone()]);
+    assert_eq!(
+        response.applied.as_ref().unwrap().allow,
+        vec![builder.clone()]
+    );
     let unit = response.unit.unwrap();
     assert_eq!(unit.active_state, "active");
     assert_ne!(unit.main_pid, before, "distccd was restarted");
     let cmdline = w.distccd_cmdline(unit.main_pid);
-    assert!(cmdline.contains(&format!("--allow {builder}")) && cmdline.contains("--jobs 2"), "{cmdline}");
+    assert!(
+        cmdline.contains(&format!("--allow {builder}")) && cmdline.contains("--jobs 2"),
+        "{cmdline}"
+    );
     assert!(!cmdline.contains(&bed.subnet().to_string()), "{cmdline}");
     remote_compile(w.container.ip()).expect("the builder is still admitted");
 
     // The same request again changes nothing and restarts nothing.
     let again = client
         .configure(pb::ConfigureRequest {
-            allow: Some(pb::AllowList { cidrs: vec![builder.clone()] }),
+            allow: Some(pb::AllowList {
+                cidrs: vec![builder.clone()],
+            }),
             ..Default::default()
         })
         .await
@@ -281,33 +395,94 @@ async fn configure_applies_validates_and_rolls_back() {
 
     // Invalid arguments name the field; nothing changes.
     for (request, field) in [
-        (pb::ConfigureRequest { allow: Some(pb::AllowList { cidrs: vec!["10.0.0.0/8".into()] }), ..Default::default() }, "allow[0]"),
-        (pb::ConfigureRequest { allow: Some(pb::AllowList { cidrs: vec!["0.0.0.0/0".into()] }), ..Default::default() }, "allow[0]"),
-        (pb::ConfigureRequest { allow: Some(pb::AllowList { cidrs: vec![] }), ..Default::default() }, "allow"),
-        (pb::ConfigureRequest { nice: Some(40), ..Default::default() }, "nice"),
-        (pb::ConfigureRequest { port: Some(70000), ..Default::default() }, "port"),
-        (pb::ConfigureRequest { listen: Some("not-an-ip".into()), ..Default::default() }, "listen"),
+        (
+            pb::ConfigureRequest {
+                allow: Some(pb::AllowList {
+                    cidrs: vec!["10.0.0.0/8".into()],
+                }),
+                ..Default::default()
+            },
+            "allow[0]",
+        ),
+        (
+            pb::ConfigureRequest {
+                allow: Some(pb::AllowList {
+                    cidrs: vec!["0.0.0.0/0".into()],
+                }),
+                ..Default::default()
+            },
+            "allow[0]",
+        ),
+        (
+            pb::ConfigureRequest {
+                allow: Some(pb::AllowList { cidrs: vec![] }),
+                ..Default::default()
+            },
+            "allow",
+        ),
+        (
+            pb::ConfigureRequest {
+                nice: Some(40),
+                ..Default::default()
+            },
+            "nice",
+        ),
+        (
+            pb::ConfigureRequest {
+                port: Some(70000),
+                ..Default::default()
+            },
+            "port",
+        ),
+        (
+            pb::ConfigureRequest {
+                listen: Some("not-an-ip".into()),
+                ..Default::default()
+            },
+            "listen",
+        ),
     ] {
         let err = client.configure(request).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err}");
-        assert!(err.message().starts_with(&format!("{field}:")), "{field}: {}", err.message());
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            err.message()
+        );
     }
     assert_eq!(w.status().await.unit.unwrap().main_pid, unit.main_pid);
 
     // A setting distccd cannot live with (an address this host does not have): the agent
     // restores the previous settings and distccd keeps serving.
-    let bogus = format!("{}", std::net::Ipv4Addr::from(u32::from(bed.host_ip()) + 200));
+    let bogus = format!(
+        "{}",
+        std::net::Ipv4Addr::from(u32::from(bed.host_ip()) + 200)
+    );
     let err = client
-        .configure(pb::ConfigureRequest { listen: Some(bogus.clone()), ..Default::default() })
+        .configure(pb::ConfigureRequest {
+            listen: Some(bogus.clone()),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted, "{err}");
-    assert!(err.message().contains("restored the previous settings"), "{}", err.message());
-    assert!(err.message().contains("distccd"), "journal lines: {}", err.message());
+    assert!(
+        err.message().contains("restored the previous settings"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("distccd"),
+        "journal lines: {}",
+        err.message()
+    );
     let status = w.status().await;
     assert_eq!(status.settings.unwrap().listen, "0.0.0.0");
     assert_eq!(status.unit.as_ref().unwrap().active_state, "active");
-    let env = w.container.exec_ok(&["cat", "/var/lib/distcc-agent/distccd.env"]).unwrap();
+    let env = w
+        .container
+        .exec_ok(&["cat", "/var/lib/distcc-agent/distccd.env"])
+        .unwrap();
     assert!(!env.contains(&bogus), "{env}");
     remote_compile(w.container.ip()).expect("distccd serves again after the rollback");
 }
@@ -320,23 +495,73 @@ async fn control_crash_recovery_and_agent_restart() {
     use tonic_health::pb::health_check_response::ServingStatus;
 
     // Stop: health says NOT_SERVING; start brings it back.
-    let stopped = client.control(pb::ControlRequest { action: pb::ControlAction::Stop as i32 }).await.unwrap().into_inner();
+    let stopped = client
+        .control(pb::ControlRequest {
+            action: pb::ControlAction::Stop as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(stopped.unit.unwrap().active_state, "inactive");
-    eventually("health NOT_SERVING", || async { w.health().await == ServingStatus::NotServing as i32 }).await;
-    assert!(remote_compile(w.container.ip()).is_err(), "no distccd, no compile");
-    let started = client.control(pb::ControlRequest { action: pb::ControlAction::Start as i32 }).await.unwrap().into_inner();
+    eventually("health NOT_SERVING", || async {
+        w.health().await == ServingStatus::NotServing as i32
+    })
+    .await;
+    assert!(
+        remote_compile(w.container.ip()).is_err(),
+        "no distccd, no compile"
+    );
+    let started = client
+        .control(pb::ControlRequest {
+            action: pb::ControlAction::Start as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(started.unit.unwrap().active_state, "active");
-    eventually("health SERVING", || async { w.health().await == ServingStatus::Serving as i32 }).await;
+    eventually("health SERVING", || async {
+        w.health().await == ServingStatus::Serving as i32
+    })
+    .await;
 
-    // Reset: stop, reset-failed, clean distccd's TMPDIR, start.
-    w.container.exec_ok(&["touch", "/var/cache/distccd/leftover"]).unwrap();
-    let reset = client.control(pb::ControlRequest { action: pb::ControlAction::Reset as i32 }).await.unwrap().into_inner();
-    assert_eq!(reset.steps.len(), 4, "{:?}", reset.steps);
+    // Reset: stop, reset-failed, start; distccd's private TMPDIR does not survive it.
+    let pid = w.status().await.unit.unwrap().main_pid;
+    let leftover = format!("/proc/{pid}/root/tmp/leftover-from-a-crashed-compile");
+    w.container.exec_ok(&["touch", &leftover]).unwrap();
+    let find_leftover = || {
+        w.container
+            .exec_ok(&[
+                "sh",
+                "-c",
+                "ls -d /tmp/systemd-private-*-distccd.service-*/tmp/leftover-* 2>/dev/null || true",
+            ])
+            .unwrap()
+    };
+    assert!(
+        !find_leftover().trim().is_empty(),
+        "the file is in distccd's private /tmp"
+    );
+    let reset = client
+        .control(pb::ControlRequest {
+            action: pb::ControlAction::Reset as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reset.steps.len(), 3, "{:?}", reset.steps);
     assert_eq!(reset.unit.as_ref().unwrap().active_state, "active");
-    assert!(w.container.exec(&["test", "-e", "/var/cache/distccd/leftover"]).unwrap().status.code() == Some(1));
+    assert_ne!(reset.unit.as_ref().unwrap().main_pid, pid);
+    assert_eq!(
+        find_leftover().trim(),
+        "",
+        "reset cleared distccd's temporary state"
+    );
     remote_compile(w.container.ip()).expect("compile after reset");
 
-    let err = client.control(pb::ControlRequest { action: 0 }).await.unwrap_err();
+    let err = client
+        .control(pb::ControlRequest { action: 0 })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("action"), "{}", err.message());
 
@@ -344,14 +569,17 @@ async fn control_crash_recovery_and_agent_restart() {
     // (driven by D-Bus signals; the interval is long so only a change can explain it).
     let pid = w.status().await.unit.unwrap().main_pid;
     let mut stream = client
-        .watch_status(pb::WatchStatusRequest { interval_ms: 600_000 })
+        .watch_status(pb::WatchStatusRequest {
+            interval_ms: 600_000,
+        })
         .await
         .unwrap()
         .into_inner();
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.unit.unwrap().main_pid, pid);
-    w.container.exec_ok(&["kill", "-9", &pid.to_string()]).unwrap();
-    let mut saw_down = false;
+    w.container
+        .exec_ok(&["kill", "-9", &pid.to_string()])
+        .unwrap();
     let restarted = loop {
         let status = tokio::time::timeout(Duration::from_secs(60), stream.message())
             .await
@@ -359,33 +587,62 @@ async fn control_crash_recovery_and_agent_restart() {
             .unwrap()
             .expect("stream open");
         let unit = status.unit.unwrap();
-        saw_down |= unit.active_state != "active" || unit.main_pid != pid;
         if unit.active_state == "active" && unit.main_pid != 0 && unit.main_pid != pid {
             break unit;
         }
     };
-    assert!(saw_down);
-    assert!(restarted.n_restarts >= 1, "{restarted:?}");
-    eventually("compiles work after the crash", || async { remote_compile(w.container.ip()).is_ok() }).await;
+    assert_eq!(restarted.n_restarts, 1, "{restarted:?}");
+    // Active is not yet listening: give the new distccd a moment to bind.
+    eventually("compiles work after the crash", || async {
+        remote_compile(w.container.ip()).is_ok()
+    })
+    .await;
+    // Still the first restart: the new distccd did not crash-loop.
+    let unit = w.status().await.unit.unwrap();
+    assert_eq!((unit.main_pid, unit.n_restarts), (restarted.main_pid, 1));
 
     // Restarting the agent leaves distccd alone: same PID, compiles in flight survive.
-    w.container.exec_ok(&["systemctl", "restart", "distcc-agent"]).unwrap();
+    w.container
+        .exec_ok(&["systemctl", "restart", "distcc-agent"])
+        .unwrap();
     let after = w.status().await.unit.unwrap();
-    assert_eq!(after.main_pid, restarted.main_pid, "agent restart must not restart distccd");
+    assert_eq!(
+        after.main_pid, restarted.main_pid,
+        "agent restart must not restart distccd"
+    );
 
     // SIGHUP (systemctl reload) re-reads the config; a changed [distccd] is applied.
-    let config = w.container.exec_ok(&["cat", "/etc/distcc-agent/agent.toml"]).unwrap();
-    w.container
-        .write_file("/etc/distcc-agent/agent.toml", config.replace("jobs = 3", "jobs = 5").as_bytes(), 0o644)
+    let config = w
+        .container
+        .exec_ok(&["cat", "/etc/distcc-agent/agent.toml"])
         .unwrap();
-    w.container.exec_ok(&["systemctl", "reload", "distcc-agent"]).unwrap();
-    eventually("reload applied jobs = 5", || async { w.status().await.settings.unwrap().jobs == 5 }).await;
+    w.container
+        .write_file(
+            "/etc/distcc-agent/agent.toml",
+            config.replace("jobs = 3", "jobs = 5").as_bytes(),
+            0o644,
+        )
+        .unwrap();
+    w.container
+        .exec_ok(&["systemctl", "reload", "distcc-agent"])
+        .unwrap();
+    eventually("reload applied jobs = 5", || async {
+        w.status().await.settings.unwrap().jobs == 5
+    })
+    .await;
     // A broken config on reload is refused and the running one kept.
-    w.container.write_file("/etc/distcc-agent/agent.toml", b"bogus_key = 1\n", 0o644).unwrap();
-    w.container.exec_ok(&["systemctl", "reload", "distcc-agent"]).unwrap();
+    w.container
+        .write_file("/etc/distcc-agent/agent.toml", b"bogus_key = 1\n", 0o644)
+        .unwrap();
+    w.container
+        .exec_ok(&["systemctl", "reload", "distcc-agent"])
+        .unwrap();
     assert_eq!(w.status().await.settings.unwrap().jobs, 5);
     let journal = w.container.journal("distcc-agent.service", 20);
-    assert!(journal.contains("reload refused") && journal.contains("bogus_key"), "{journal}");
+    assert!(
+        journal.contains("reload refused") && journal.contains("bogus_key"),
+        "{journal}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -396,18 +653,33 @@ async fn settings_persist_across_reboot() {
     {
         let w = AgentWorker::start(&bed, "w1", Some(state.path())).await;
         w.client()
-            .configure(pb::ConfigureRequest { jobs: Some(7), ..Default::default() })
+            .configure(pb::ConfigureRequest {
+                jobs: Some(7),
+                ..Default::default()
+            })
             .await
             .expect("Configure");
         w.container.exec_ok(&["systemctl", "poweroff"]).ok();
     }
     let w = AgentWorker::start(&bed, "w1", Some(state.path())).await;
     let status = w.status().await;
-    assert_eq!(status.settings.unwrap().jobs, 7, "the configured value, not the config file's 3");
+    assert_eq!(
+        status.settings.unwrap().jobs,
+        7,
+        "the configured value, not the config file's 3"
+    );
     let unit = status.unit.unwrap();
     // The agent found persisted settings: it did not bootstrap again. distccd runs with the
     // persisted settings when started.
-    w.client().control(pb::ControlRequest { action: pb::ControlAction::Start as i32 }).await.unwrap();
+    w.client()
+        .control(pb::ControlRequest {
+            action: pb::ControlAction::Start as i32,
+        })
+        .await
+        .unwrap();
     let cmdline = w.distccd_cmdline(w.status().await.unit.unwrap().main_pid);
-    assert!(cmdline.contains("--jobs 7"), "{cmdline} (unit was {unit:?})");
+    assert!(
+        cmdline.contains("--jobs 7"),
+        "{cmdline} (unit was {unit:?})"
+    );
 }

@@ -35,14 +35,25 @@ pub struct WorkerView {
 /// Slots to use on a worker: distccd's own limit when known, else its job setting, else
 /// distccd's default (CPUs + 2).
 pub fn slots_of(status: &pb::WorkerStatus) -> u32 {
-    let stats_kids = status.stats.as_ref().filter(|s| s.available).map_or(0, |s| s.max_kids as u32);
+    let stats_kids = status
+        .stats
+        .as_ref()
+        .filter(|s| s.available)
+        .map_or(0, |s| s.max_kids as u32);
     let jobs = status.settings.as_ref().map_or(0, |s| s.jobs);
     let cpus = status.capacity.as_ref().map_or(0, |c| c.online_cpus);
-    [stats_kids, jobs, cpus + 2].into_iter().find(|n| *n > 0).unwrap_or(0)
+    [stats_kids, jobs, cpus + 2]
+        .into_iter()
+        .find(|n| *n > 0)
+        .unwrap_or(0)
 }
 
 /// The builder's view of one worker's status.
-pub fn view(endpoint: &str, result: Result<pb::WorkerStatus, String>, latency: Duration) -> WorkerView {
+pub fn view(
+    endpoint: &str,
+    result: Result<pb::WorkerStatus, String>,
+    latency: Duration,
+) -> WorkerView {
     let rpc_latency_ms = latency.as_secs_f64() * 1000.0;
     let status = match result {
         Ok(status) => status,
@@ -68,7 +79,10 @@ pub fn view(endpoint: &str, result: Result<pb::WorkerStatus, String>, latency: D
     let unit = status.unit.clone().unwrap_or_default();
     let stats = status.stats.clone().unwrap_or_default();
     let excluded_reason = if unit.active_state != "active" {
-        Some(format!("distccd is {} ({})", unit.active_state, unit.sub_state))
+        Some(format!(
+            "distccd is {} ({})",
+            unit.active_state, unit.sub_state
+        ))
     } else {
         None
     };
@@ -83,7 +97,11 @@ pub fn view(endpoint: &str, result: Result<pb::WorkerStatus, String>, latency: D
         endpoint: endpoint.to_owned(),
         reachable: true,
         distccd_state: Some(unit.active_state.clone()),
-        slots: if excluded_reason.is_none() { slots_of(&status) } else { 0 },
+        slots: if excluded_reason.is_none() {
+            slots_of(&status)
+        } else {
+            0
+        },
         excluded_reason,
         hostname: Some(status.hostname.clone()),
         agent_version: Some(status.agent_version.clone()),
@@ -98,7 +116,11 @@ pub fn view(endpoint: &str, result: Result<pb::WorkerStatus, String>, latency: D
 }
 
 /// Status of one worker within `deadline` (connect and call together).
-pub async fn fetch_status(endpoint: &str, token: &str, deadline: Duration) -> Result<pb::WorkerStatus, String> {
+pub async fn fetch_status(
+    endpoint: &str,
+    token: &str,
+    deadline: Duration,
+) -> Result<pb::WorkerStatus, String> {
     let call = async {
         let channel = Endpoint::from_shared(format!("http://{endpoint}"))
             .map_err(|e| e.to_string())?
@@ -106,18 +128,27 @@ pub async fn fetch_status(endpoint: &str, token: &str, deadline: Duration) -> Re
             .connect()
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let bearer: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| "token is not valid ASCII".to_owned())?;
-        let mut client = DistccAgentClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-            request.metadata_mut().insert("authorization", bearer.clone());
-            Ok(request)
-        });
+        let bearer: MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "token is not valid ASCII".to_owned())?;
+        let mut client =
+            DistccAgentClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+                request
+                    .metadata_mut()
+                    .insert("authorization", bearer.clone());
+                Ok(request)
+            });
         client
-            .status(pb::StatusRequest { skip_compilers: true })
+            .status(pb::StatusRequest {
+                skip_compilers: true,
+            })
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
     };
-    tokio::time::timeout(deadline, call).await.map_err(|_| format!("no answer within {deadline:?}"))?
+    tokio::time::timeout(deadline, call)
+        .await
+        .map_err(|_| format!("no answer within {deadline:?}"))?
 }
 
 /// Status of every worker, in parallel, in configuration order.
@@ -131,15 +162,30 @@ pub async fn status_all(workers: &[String], token: &str, deadline: Duration) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
     fn status(active: &str, max_kids: u64, jobs: u32, cpus: u32) -> pb::WorkerStatus {
         pb::WorkerStatus {
-            unit: Some(pb::UnitState { active_state: active.into(), sub_state: "running".into(), ..Default::default() }),
-            settings: Some(pb::DistccdSettings { jobs, ..Default::default() }),
-            capacity: Some(pb::Capacity { online_cpus: cpus, ..Default::default() }),
-            stats: Some(pb::DistccdStats { available: max_kids > 0, max_kids, ..Default::default() }),
+            unit: Some(pb::UnitState {
+                active_state: active.into(),
+                sub_state: "running".into(),
+                ..Default::default()
+            }),
+            settings: Some(pb::DistccdSettings {
+                jobs,
+                ..Default::default()
+            }),
+            capacity: Some(pb::Capacity {
+                online_cpus: cpus,
+                ..Default::default()
+            }),
+            stats: Some(pb::DistccdStats {
+                available: max_kids > 0,
+                max_kids,
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -158,7 +204,10 @@ mod tests {
         assert_eq!(v.distccd_state.as_deref(), Some("failed"));
         assert!(v.excluded_reason.unwrap().contains("failed"));
         let v = view("w:1", Err("connect: refused".into()), Duration::ZERO);
-        assert_eq!((v.reachable, v.slots, v.distccd_state.clone()), (false, 0, None));
+        assert_eq!(
+            (v.reachable, v.slots, v.distccd_state.clone()),
+            (false, 0, None)
+        );
         let json = serde_json::to_value(&v).unwrap();
         assert_eq!(json["distccd_state"], serde_json::Value::Null);
         assert_eq!(json["excluded_reason"], "unreachable: connect: refused");

@@ -9,7 +9,10 @@ use distcc_builder::cluster::status_all;
 use distcc_builder::config::{BuilderConfig, DEFAULT_CONFIG_PATH};
 
 #[derive(Parser)]
-#[command(version, about = "Builder mode and cluster operations for a distcc cluster")]
+#[command(
+    version,
+    about = "Builder mode and cluster operations for a distcc cluster"
+)]
 struct Options {
     /// The builder's configuration file.
     #[arg(long, global = true, default_value = DEFAULT_CONFIG_PATH)]
@@ -44,11 +47,18 @@ fn run(options: Options) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match options.command {
         Command::Status { json } => {
-            let workers = runtime.block_on(status_all(&config.workers, &config.token, config.deadline));
+            let workers =
+                runtime.block_on(status_all(&config.workers, &config.token, config.deadline));
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "workers": workers }))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "workers": workers }))?
+                );
             } else {
-                println!("{:<24} {:<9} {:<10} {:>5} {:>9} {:>6} {:>8}  {}", "WORKER", "REACHABLE", "DISTCCD", "SLOTS", "RUNNING", "LOAD", "RPC ms", "EXCLUDED");
+                println!(
+                    "{:<24} {:<9} {:<10} {:>5} {:>9} {:>6} {:>8}  EXCLUDED",
+                    "WORKER", "REACHABLE", "DISTCCD", "SLOTS", "RUNNING", "LOAD", "RPC ms"
+                );
                 for w in &workers {
                     println!(
                         "{:<24} {:<9} {:<10} {:>5} {:>9} {:>6} {:>8.1}  {}",
@@ -64,7 +74,11 @@ fn run(options: Options) -> anyhow::Result<ExitCode> {
                 }
             }
             let all_fine = workers.iter().all(|w| w.excluded_reason.is_none());
-            Ok(if all_fine { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if all_fine {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }
