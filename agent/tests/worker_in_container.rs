@@ -14,22 +14,19 @@ use std::time::{Duration, Instant};
 
 use distcc_proto::v1 as pb;
 use distcc_proto::v1::distcc_agent_client::DistccAgentClient;
-use distcc_testbed::{Rootfs, Testbed, Worker as Container, WorkerSpec};
+use distcc_testbed::{
+    AGENT_PORT, AgentInstall, Rootfs, TEST_TOKEN, Testbed, Worker as Container, agent_config,
+};
 use tonic::Code;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-const TOKEN: &str = "test-token-0123456789abcdef";
-const AGENT_PORT: u16 = 3634;
+const TOKEN: &str = TEST_TOKEN;
 
 type AddToken =
     Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
 type Client = DistccAgentClient<InterceptedService<Channel, AddToken>>;
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
 
 /// A worker container running the agent, and a client for it.
 struct AgentWorker {
@@ -41,61 +38,22 @@ impl AgentWorker {
     /// Boot a worker with the agent installed the way a package would install it, write
     /// its config and token, and start it with systemctl.
     async fn start(bed: &Testbed, name: &str, state_dir: Option<&Path>) -> AgentWorker {
-        let mut spec = WorkerSpec::new(name)
-            .bind_ro(env!("CARGO_BIN_EXE_distcc-agent"), "/usr/bin/distcc-agent")
-            .bind_ro(
-                repo_file("systemd/distcc-agent.service"),
-                "/etc/systemd/system/distcc-agent.service",
+        let install = AgentInstall {
+            binary: PathBuf::from(env!("CARGO_BIN_EXE_distcc-agent")),
+            repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+        };
+        let container = bed
+            .boot_agent_worker(
+                name,
+                &install,
+                &agent_config(bed, 3),
+                |spec| match state_dir {
+                    // Survives the container: proves settings persist across a reboot.
+                    Some(dir) => spec.bind(dir, "/var/lib/distcc-agent"),
+                    None => spec,
+                },
             )
-            .bind_ro(
-                repo_file("systemd/distccd.service"),
-                "/etc/systemd/system/distccd.service",
-            )
-            .bind_ro(
-                repo_file("systemd/distcc-agent.rules"),
-                "/etc/polkit-1/rules.d/50-distcc-agent.rules",
-            )
-            .bind_ro(
-                repo_file("systemd/distcc-agent.sysusers"),
-                "/etc/sysusers.d/distcc-agent.conf",
-            )
-            .bind_ro(
-                repo_file("systemd/distcc-agent.tmpfiles"),
-                "/etc/tmpfiles.d/distcc-agent.conf",
-            );
-        if let Some(dir) = state_dir {
-            // Survives the container: proves settings persist across a reboot.
-            spec = spec.bind(dir, "/var/lib/distcc-agent");
-        }
-        let container = bed.boot_worker(spec).expect("boot worker");
-        container
-            .write_file(
-                "/etc/distcc-agent/token",
-                format!("{TOKEN}\n").as_bytes(),
-                0o640,
-            )
-            .expect("write token");
-        container
-            .exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/token"])
-            .expect("chgrp token");
-        let config = format!(
-            "listen = \"0.0.0.0:{AGENT_PORT}\"\ntoken_file = \"/etc/distcc-agent/token\"\n\
-             job_timeout_secs = 15\n\
-             [policy]\nallow_within = [\"{subnet}\"]\n\
-             [distccd]\nallow = [\"{subnet}\"]\njobs = 3\nnice = 10\nlisten = \"0.0.0.0\"\nport = 3632\n",
-            subnet = bed.subnet()
-        );
-        container
-            .write_file("/etc/distcc-agent/agent.toml", config.as_bytes(), 0o644)
-            .expect("write config");
-        container
-            .exec_ok(&["systemctl", "start", "distcc-agent"])
-            .unwrap_or_else(|e| {
-                panic!(
-                    "starting distcc-agent: {e:#}\n{}",
-                    container.journal("distcc-agent.service", 50)
-                )
-            });
+            .expect("boot a worker running the agent");
         let channel = Channel::from_shared(format!("http://{}:{AGENT_PORT}", container.ip()))
             .unwrap()
             .connect_timeout(Duration::from_secs(5))

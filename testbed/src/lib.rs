@@ -26,6 +26,7 @@
 //! deleted by the next [`Testbed::create`], or by [`cleanup_all`]
 //! (`distcc-testbed cleanup`). See docs/TESTBED.md.
 
+mod agent;
 mod cmd;
 mod rootfs;
 mod sweep;
@@ -33,6 +34,7 @@ mod testbed;
 
 use anyhow::{Result, bail};
 
+pub use agent::{AGENT_PORT, AgentInstall, TEST_TOKEN, agent_config};
 pub use rootfs::{
     BASE_PACKAGES, CACHE_ENV, DEFAULT_CACHE_DIR, DEFAULT_MIRROR, EXTRA_PACKAGES, MIRROR_ENV,
     ROOTFS_VERSION, Rootfs, SUITE, cache_dir,

@@ -1,0 +1,118 @@
+//! Workers running the project's agent, installed the way the package installs it: the
+//! binary, the unit files, the polkit rule and the sysusers/tmpfiles snippets from the
+//! repository's `systemd/` folder, a config and a token. Shared by the agent's and the
+//! builder's tests and the demo.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::testbed::{Testbed, Worker, WorkerSpec};
+
+/// The token the test-bed's agents accept.
+pub const TEST_TOKEN: &str = "testbed-token-0123456789abcdef";
+/// The agent's gRPC port.
+pub const AGENT_PORT: u16 = 3634;
+
+/// Where the agent's files come from.
+#[derive(Debug, Clone)]
+pub struct AgentInstall {
+    /// The `distcc-agent` binary.
+    pub binary: PathBuf,
+    /// The repository root (its `systemd/` folder is installed).
+    pub repo: PathBuf,
+}
+
+impl AgentInstall {
+    /// The binary from `$DISTCC_AGENT_BIN`, else `target/{release,debug}/distcc-agent` of
+    /// the workspace `repo` (whichever is newer).
+    pub fn from_workspace(repo: &Path) -> Result<Self> {
+        let binary = match std::env::var_os("DISTCC_AGENT_BIN") {
+            Some(path) => PathBuf::from(path),
+            None => ["release", "debug"]
+                .iter()
+                .map(|profile| repo.join("target").join(profile).join("distcc-agent"))
+                .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+                .max()
+                .map(|(_, p)| p)
+                .context("no target/*/distcc-agent: run `cargo build -p distcc-agent` first")?,
+        };
+        Ok(Self {
+            binary,
+            repo: repo.to_owned(),
+        })
+    }
+
+    /// The files to bind into a worker, as `(host, container)`.
+    pub fn binds(&self) -> Vec<(PathBuf, PathBuf)> {
+        let systemd = self.repo.join("systemd");
+        [
+            (self.binary.clone(), "/usr/bin/distcc-agent"),
+            (
+                systemd.join("distcc-agent.service"),
+                "/etc/systemd/system/distcc-agent.service",
+            ),
+            (
+                systemd.join("distccd.service"),
+                "/etc/systemd/system/distccd.service",
+            ),
+            (
+                systemd.join("distcc-agent.rules"),
+                "/etc/polkit-1/rules.d/50-distcc-agent.rules",
+            ),
+            (
+                systemd.join("distcc-agent.sysusers"),
+                "/etc/sysusers.d/distcc-agent.conf",
+            ),
+            (
+                systemd.join("distcc-agent.tmpfiles"),
+                "/etc/tmpfiles.d/distcc-agent.conf",
+            ),
+        ]
+        .into_iter()
+        .map(|(host, container)| (host, PathBuf::from(container)))
+        .collect()
+    }
+}
+
+/// An agent config admitting the test-bed's subnet, with `jobs` slots.
+pub fn agent_config(bed: &Testbed, jobs: u32) -> String {
+    format!(
+        "listen = \"0.0.0.0:{AGENT_PORT}\"\ntoken_file = \"/etc/distcc-agent/token\"\n\
+         job_timeout_secs = 15\n\
+         [policy]\nallow_within = [\"{subnet}\"]\n\
+         [distccd]\nallow = [\"{subnet}\"]\njobs = {jobs}\nnice = 10\nlisten = \"0.0.0.0\"\nport = 3632\n",
+        subnet = bed.subnet()
+    )
+}
+
+impl Testbed {
+    /// Boot a worker with the agent installed, write `config` and the test token, and
+    /// `systemctl start distcc-agent` (which returns once the agent said READY=1).
+    /// `customize` may add binds to the spec.
+    pub fn boot_agent_worker(
+        &self,
+        name: &str,
+        install: &AgentInstall,
+        config: &str,
+        customize: impl FnOnce(WorkerSpec) -> WorkerSpec,
+    ) -> Result<Worker> {
+        let mut spec = WorkerSpec::new(name);
+        for (host, container) in install.binds() {
+            spec = spec.bind_ro(host, container);
+        }
+        let worker = self.boot_worker(customize(spec))?;
+        worker.write_file("/etc/distcc-agent/token", format!("{TEST_TOKEN}\n"), 0o640)?;
+        worker.exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/token"])?;
+        worker.write_file("/etc/distcc-agent/agent.toml", config, 0o644)?;
+        worker
+            .exec_ok(&["systemctl", "start", "distcc-agent"])
+            .with_context(|| {
+                format!(
+                    "starting distcc-agent on {name}:\n{}",
+                    worker.journal("distcc-agent.service", 40)
+                )
+            })?;
+        Ok(worker)
+    }
+}
