@@ -1,6 +1,14 @@
 //! `distcc-testbed cleanup` | `distcc-testbed rootfs`
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod demo;
+
+/// The workspace this binary was built from (the demo installs its agent and units).
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
 
 const USAGE: &str = "usage: distcc-testbed <command>
 
@@ -8,6 +16,8 @@ commands:
   cleanup   delete leftover testbed containers, network namespaces, veths and bridges
             of test processes that are gone (a CI pre-step)
   rootfs    build the cached worker rootfs if needed and print its path
+  demo      boot three workers running distcc-agent, show builderctl status, build a
+            small C project through them with distcc, tear down
 
 environment:
   DISTCC_TESTBED_CACHE   rootfs cache directory (default /var/cache/distcc-testbed)
@@ -40,6 +50,7 @@ fn main() -> ExitCode {
             );
         }),
         ["rootfs"] => distcc_testbed::Rootfs::ensure().map(|r| println!("{}", r.path().display())),
+        ["demo"] => demo::run(&repo_root()),
         ["help" | "-h" | "--help"] => {
             println!("{USAGE}");
             Ok(())
