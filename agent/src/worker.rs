@@ -798,3 +798,7 @@ fn stats_to_proto(s: &DistccdStats) -> pb::DistccdStats {
         jobs_running: 0,
     }
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;

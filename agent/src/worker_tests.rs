@@ -1,0 +1,305 @@
+//! Worker logic against a fake unit that behaves like distccd.service where it matters:
+//! on start it reads the environment file the agent wrote and binds the port in it, and
+//! fails when it cannot (as distccd does for an address this host does not have).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::*;
+use crate::config::AgentConfig;
+use crate::settings::{AllowPolicy, DistccdSettings};
+use crate::unit_control::{ChangeStream, UnitFuture};
+
+#[derive(Default)]
+struct FakeState {
+    listener: Option<TcpListener>,
+    failed: bool,
+    enabled: bool,
+    calls: Vec<&'static str>,
+}
+
+struct FakeDistccd {
+    env_file: PathBuf,
+    state: Mutex<FakeState>,
+}
+
+impl FakeDistccd {
+    fn calls(&self) -> Vec<&'static str> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    fn port(&self) -> Option<u16> {
+        self.state
+            .lock()
+            .unwrap()
+            .listener
+            .as_ref()
+            .map(|l| l.local_addr().unwrap().port())
+    }
+
+    fn launch(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.listener = None;
+        let text = std::fs::read_to_string(&self.env_file)
+            .expect("distccd.service needs its environment file");
+        let settings = DistccdSettings::from_env_file(&self.env_file, &text).unwrap();
+        match TcpListener::bind(SocketAddr::new(settings.listen, settings.port)) {
+            Ok(listener) => {
+                state.listener = Some(listener);
+                state.failed = false;
+            }
+            Err(_) => state.failed = true,
+        }
+    }
+
+    fn record(&self, call: &'static str) {
+        self.state.lock().unwrap().calls.push(call);
+    }
+}
+
+impl UnitControl for FakeDistccd {
+    fn unit_name(&self) -> &str {
+        "distccd.service"
+    }
+    fn start(&self) -> UnitFuture<'_, ()> {
+        self.record("start");
+        self.launch();
+        Box::pin(async { Ok(()) })
+    }
+    fn stop(&self) -> UnitFuture<'_, ()> {
+        self.record("stop");
+        self.state.lock().unwrap().listener = None;
+        Box::pin(async { Ok(()) })
+    }
+    fn restart(&self) -> UnitFuture<'_, ()> {
+        self.record("restart");
+        self.launch();
+        Box::pin(async { Ok(()) })
+    }
+    fn reset_failed(&self) -> UnitFuture<'_, ()> {
+        self.record("reset-failed");
+        self.state.lock().unwrap().failed = false;
+        Box::pin(async { Ok(()) })
+    }
+    fn enable(&self) -> UnitFuture<'_, ()> {
+        self.record("enable");
+        self.state.lock().unwrap().enabled = true;
+        Box::pin(async { Ok(()) })
+    }
+    fn state(&self) -> UnitFuture<'_, UnitState> {
+        let s = self.state.lock().unwrap();
+        let (active_state, sub_state) = match (&s.listener, s.failed) {
+            (_, true) => ("failed", "failed"),
+            (Some(_), false) => ("active", "running"),
+            (None, false) => ("inactive", "dead"),
+        };
+        let state = UnitState {
+            load_state: "loaded".into(),
+            active_state: active_state.into(),
+            sub_state: sub_state.into(),
+            main_pid: u32::from(s.listener.is_some()),
+            unit_file_state: if s.enabled { "enabled" } else { "disabled" }.into(),
+            ..Default::default()
+        };
+        Box::pin(async move { Ok(state) })
+    }
+    fn changes(&self) -> UnitFuture<'_, ChangeStream> {
+        Box::pin(async { Ok(Box::pin(futures_util::stream::pending()) as ChangeStream) })
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    worker: Worker<FakeDistccd>,
+}
+
+impl Fixture {
+    fn new(allow: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let allow: Vec<ipnet::IpNet> = allow.iter().map(|a| a.parse().unwrap()).collect();
+        let distccd = DistccdSettings {
+            allow: allow.clone(),
+            listen: "127.0.0.1".parse().unwrap(),
+            port: free_port(),
+            stats: false,
+            ..Default::default()
+        };
+        let config = AgentConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: "0123456789abcdef".into(),
+            token_file: dir.path().join("token"),
+            tls: None,
+            state_dir: dir.path().to_owned(),
+            unit: "distccd.service".into(),
+            status_interval: Duration::from_secs(10),
+            job_timeout: Duration::from_secs(5),
+            masquerade_dir: dir.path().join("masquerade"),
+            distccd_tmpdir: dir.path().to_owned(),
+            policy: AllowPolicy {
+                allow_within: allow,
+                permit_public: false,
+            },
+            distccd,
+        };
+        let unit = FakeDistccd {
+            env_file: config.env_file(),
+            state: Mutex::default(),
+        };
+        Self {
+            _dir: dir,
+            worker: Worker::new(unit, config),
+        }
+    }
+
+    fn unit(&self) -> &FakeDistccd {
+        self.worker.unit()
+    }
+}
+
+#[tokio::test]
+async fn first_start_bootstraps_once() {
+    let f = Fixture::new(&["198.18.0.0/24"]);
+    assert!(f.worker.first_start().await.unwrap());
+    assert_eq!(f.unit().calls(), ["enable", "start"]);
+    // A later agent start (restart, upgrade) leaves distccd alone.
+    assert!(!f.worker.first_start().await.unwrap());
+    assert_eq!(f.unit().calls(), ["enable", "start"]);
+}
+
+#[tokio::test]
+async fn without_an_allowlist_nothing_starts() {
+    let f = Fixture::new(&[]);
+    assert!(!f.worker.first_start().await.unwrap());
+    let err = f
+        .worker
+        .control(pb::ControlAction::Start)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WorkerError::Precondition(_)), "{err}");
+    assert!(f.unit().calls().is_empty());
+    assert!(
+        f.worker
+            .status_line()
+            .await
+            .starts_with("waiting for an allowlist")
+    );
+}
+
+#[tokio::test]
+async fn configure_persists_and_restarts() {
+    let f = Fixture::new(&["198.18.0.0/24"]);
+    f.worker.first_start().await.unwrap();
+    let port = free_port();
+    let update = SettingsUpdate {
+        port: Some(u32::from(port)),
+        jobs: Some(6),
+        ..Default::default()
+    };
+    let outcome = f.worker.configure(&update).await.unwrap();
+    assert!(outcome.changed);
+    assert_eq!((outcome.applied.port, outcome.applied.jobs), (port, 6));
+    assert_eq!(f.unit().port(), Some(port), "restarted on the new port");
+    assert_eq!(f.worker.current_settings().unwrap().port, port);
+    // Same again: nothing to do, no restart.
+    let calls = f.unit().calls().len();
+    assert!(!f.worker.configure(&update).await.unwrap().changed);
+    assert_eq!(f.unit().calls().len(), calls);
+}
+
+#[tokio::test]
+async fn invalid_requests_touch_nothing() {
+    let f = Fixture::new(&["198.18.0.0/24"]);
+    f.worker.first_start().await.unwrap();
+    let before = f.worker.current_settings().unwrap();
+    for (update, field) in [
+        (
+            SettingsUpdate {
+                allow: Some(vec!["198.18.0.0/16".into()]),
+                ..Default::default()
+            },
+            "allow[0]",
+        ),
+        (
+            SettingsUpdate {
+                allow: Some(vec!["x".into()]),
+                ..Default::default()
+            },
+            "allow[0]",
+        ),
+        (
+            SettingsUpdate {
+                nice: Some(-5),
+                ..Default::default()
+            },
+            "nice",
+        ),
+        (
+            SettingsUpdate {
+                port: Some(0),
+                ..Default::default()
+            },
+            "port",
+        ),
+    ] {
+        match f.worker.configure(&update).await.unwrap_err() {
+            WorkerError::Invalid(e) => assert_eq!(e.field, field),
+            other => panic!("{field}: {other}"),
+        }
+    }
+    assert_eq!(f.unit().calls(), ["enable", "start"]);
+    assert_eq!(f.worker.current_settings().unwrap(), before);
+}
+
+#[tokio::test]
+async fn a_failed_restart_rolls_back() {
+    let f = Fixture::new(&["198.18.0.0/24"]);
+    f.worker.first_start().await.unwrap();
+    let before = f.worker.current_settings().unwrap();
+    // An address this host does not have: binding fails, as it does for distccd.
+    let update = SettingsUpdate {
+        listen: Some("192.0.2.1".into()),
+        ..Default::default()
+    };
+    let err = f.worker.configure(&update).await.unwrap_err();
+    assert!(matches!(err, WorkerError::RolledBack { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("restored the previous settings (distccd active (running))"),
+        "{err}"
+    );
+    assert_eq!(f.worker.current_settings().unwrap(), before);
+    assert_eq!(
+        f.unit().port(),
+        Some(before.port),
+        "serving on the previous settings"
+    );
+    assert_eq!(
+        f.unit().calls(),
+        ["enable", "start", "restart", "reset-failed", "restart"]
+    );
+}
+
+#[tokio::test]
+async fn reset_is_stop_reset_failed_start() {
+    let f = Fixture::new(&["198.18.0.0/24"]);
+    f.worker.first_start().await.unwrap();
+    let (state, steps) = f.worker.control(pb::ControlAction::Reset).await.unwrap();
+    assert!(state.is_active());
+    assert_eq!(steps.len(), 3);
+    assert_eq!(
+        f.unit().calls(),
+        ["enable", "start", "stop", "reset-failed", "start"]
+    );
+}
