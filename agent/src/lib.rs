@@ -13,3 +13,10 @@ pub mod stats;
 pub mod systemd;
 pub mod unit_control;
 pub mod worker;
+
+/// The agent's version: the package version when built by packaging/build-debs (which
+/// sets `DISTCC_CLUSTER_VERSION`), else the crate's.
+pub const VERSION: &str = match option_env!("DISTCC_CLUSTER_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};

@@ -8,7 +8,7 @@ use distcc_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 
 /// Manage this worker's distccd through systemd and serve the cluster's gRPC API.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = distcc_agent::VERSION, about)]
 struct Options {
     /// The agent's configuration file.
     #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
@@ -16,10 +16,23 @@ struct Options {
     /// Validate the configuration file (and the token file it names), then exit.
     #[arg(long)]
     check_config: bool,
+    /// Print the man page (roff) and exit; packaging/build-debs installs it.
+    #[arg(long, hide = true)]
+    print_man: bool,
 }
 
 fn main() -> ExitCode {
     let options = Options::parse();
+    if options.print_man {
+        let man = clap_mangen::Man::new(<Options as clap::CommandFactory>::command()).section("8");
+        return match man.render(&mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DISTCC_AGENT_LOG")

@@ -104,7 +104,9 @@ impl<U: UnitControl> pb::distcc_agent_server::DistccAgent for AgentService<U> {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             loop {
-                let status = worker.status(false).await.map_err(Status::from);
+                // Compilers run only when their binary changed (cached per binary), so a
+                // replaced compiler shows up in the stream with its new fingerprint.
+                let status = worker.status(true).await.map_err(Status::from);
                 if tx.send(status).await.is_err() {
                     return; // the client went away
                 }

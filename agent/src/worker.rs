@@ -220,6 +220,17 @@ impl<U: UnitControl> Worker<U> {
         if !defaults_changed || distccd.allow.is_empty() {
             return Ok(None);
         }
+        // The operator just set the first allowlist (the package ships none): this is
+        // the bootstrap the first start could not do.
+        if self.first_start().await? {
+            let unit = self.unit.state().await?;
+            return Ok(Some(ConfigureOutcome {
+                previous: old.distccd.clone(),
+                applied: distccd,
+                changed: true,
+                unit,
+            }));
+        }
         let _guard = self.ops.lock().await;
         self.apply(distccd).await.map(Some)
     }
@@ -482,7 +493,7 @@ impl<U: UnitControl> Worker<U> {
         let capacity = Capacity::read(&config.distccd_tmpdir);
         Ok(pb::WorkerStatus {
             hostname: self.hostname.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            agent_version: crate::VERSION.to_owned(),
             unit: Some(unit_to_proto(&unit)),
             effective_allow: settings
                 .effective_allow()

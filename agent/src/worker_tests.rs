@@ -303,3 +303,15 @@ async fn reset_is_stop_reset_failed_start() {
         ["enable", "start", "stop", "reset-failed", "start"]
     );
 }
+
+#[tokio::test]
+async fn the_first_allowlist_set_by_reload_bootstraps() {
+    let f = Fixture::new(&[]);
+    assert!(!f.worker.first_start().await.unwrap());
+    let mut config = (*f.worker.config()).clone();
+    config.distccd.allow = vec!["198.18.0.0/24".parse().unwrap()];
+    config.policy.allow_within = config.distccd.allow.clone();
+    let outcome = f.worker.reload(config).await.unwrap().expect("applied");
+    assert!(outcome.unit.is_active());
+    assert_eq!(f.unit().calls(), ["enable", "start"]);
+}

@@ -208,7 +208,7 @@ async fn status_auth_compile_and_validate() {
     assert_eq!(unit.unit_file_state, "enabled");
     assert!(unit.main_pid > 0 && unit.state_since_usec > 0);
     assert_eq!(status.hostname, "w1");
-    assert_eq!(status.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(status.agent_version, distcc_agent::VERSION);
     assert!(
         status.distcc_version.starts_with("distccd 3.4"),
         "{}",

@@ -3,11 +3,18 @@
 
 use std::time::{Duration, Instant};
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
 use distcc_proto::v1 as pb;
 use distcc_proto::v1::distcc_agent_client::DistccAgentClient;
 use serde::Serialize;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::host_list::{
+    HostList, LocalCompiler, Policy, WorkerInput, WorkerVerdict, endpoint_host,
+};
 
 /// One worker as the builder sees it. Serialised as the stable JSON of `status --json`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -48,22 +55,51 @@ pub fn slots_of(status: &pb::WorkerStatus) -> u32 {
         .unwrap_or(0)
 }
 
-/// The builder's view of one worker's status.
-pub fn view(
-    endpoint: &str,
-    result: Result<pb::WorkerStatus, String>,
-    latency: Duration,
-) -> WorkerView {
-    let rpc_latency_ms = latency.as_secs_f64() * 1000.0;
-    let status = match result {
+/// A worker's status and how this builder reaches it, gathered within a deadline.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub endpoint: String,
+    pub status: Result<pb::WorkerStatus, String>,
+    pub latency: Duration,
+    /// The source address the builder uses towards the worker (what distccd sees).
+    pub builder_addr: Option<IpAddr>,
+}
+
+impl Probe {
+    pub fn input(&self) -> WorkerInput<'_> {
+        WorkerInput {
+            endpoint: &self.endpoint,
+            status: self.status.as_ref().map_err(String::as_str),
+            builder_addr: self.builder_addr,
+        }
+    }
+}
+
+/// The host list from a set of probes.
+pub fn host_list(probes: &[Probe], local: &[LocalCompiler], policy: &Policy) -> HostList {
+    let inputs: Vec<WorkerInput<'_>> = probes.iter().map(Probe::input).collect();
+    HostList::compute(&inputs, local, policy)
+}
+
+/// The builder's view of one worker, with the host list's verdict on it.
+pub fn view(probe: &Probe, verdict: Option<&WorkerVerdict>) -> WorkerView {
+    let rpc_latency_ms = probe.latency.as_secs_f64() * 1000.0;
+    let (slots, excluded_reason) = match verdict {
+        Some(v) => (
+            v.entry.as_ref().map_or(0, |e| e.slots),
+            v.excluded_reason.clone(),
+        ),
+        None => (0, Some("not in the host list".to_owned())),
+    };
+    let status = match &probe.status {
         Ok(status) => status,
-        Err(reason) => {
+        Err(_) => {
             return WorkerView {
-                endpoint: endpoint.to_owned(),
+                endpoint: probe.endpoint.clone(),
                 reachable: false,
                 distccd_state: None,
                 slots: 0,
-                excluded_reason: Some(format!("unreachable: {reason}")),
+                excluded_reason,
                 hostname: None,
                 agent_version: None,
                 jobs_running: None,
@@ -78,14 +114,6 @@ pub fn view(
     };
     let unit = status.unit.clone().unwrap_or_default();
     let stats = status.stats.clone().unwrap_or_default();
-    let excluded_reason = if unit.active_state != "active" {
-        Some(format!(
-            "distccd is {} ({})",
-            unit.active_state, unit.sub_state
-        ))
-    } else {
-        None
-    };
     let mut compilers: Vec<String> = status
         .compilers
         .iter()
@@ -94,14 +122,10 @@ pub fn view(
         .collect();
     compilers.sort();
     WorkerView {
-        endpoint: endpoint.to_owned(),
+        endpoint: probe.endpoint.clone(),
         reachable: true,
         distccd_state: Some(unit.active_state.clone()),
-        slots: if excluded_reason.is_none() {
-            slots_of(&status)
-        } else {
-            0
-        },
+        slots,
         excluded_reason,
         hostname: Some(status.hostname.clone()),
         agent_version: Some(status.agent_version.clone()),
@@ -115,50 +139,132 @@ pub fn view(
     }
 }
 
-/// Status of one worker within `deadline` (connect and call together).
+/// An authenticated client of one agent.
+pub type Client = DistccAgentClient<InterceptedService<Channel, AddToken>>;
+pub type AddToken =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
+
+/// Connect to an agent within `deadline`.
+pub async fn connect(endpoint: &str, token: &str, deadline: Duration) -> Result<Client, String> {
+    let bearer: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| "token is not valid ASCII".to_owned())?;
+    let channel = Endpoint::from_shared(format!("http://{endpoint}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(deadline)
+        // A cut link must not leave a stream waiting forever for bytes.
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(deadline)
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {}", error_chain(&e)))?;
+    let add_token: AddToken = Box::new(move |mut request: tonic::Request<()>| {
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
+        Ok(request)
+    });
+    Ok(DistccAgentClient::with_interceptor(channel, add_token))
+}
+
+/// An error with its sources, on one line ("transport error: tcp connect error: ...").
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A gRPC status as one line.
+pub fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// Run `call` against one agent, connection included, within `deadline`.
+pub async fn call_within<T, F, Fut>(
+    endpoint: &str,
+    token: &str,
+    deadline: Duration,
+    call: F,
+) -> Result<T, String>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let work = async {
+        let client = connect(endpoint, token, deadline).await?;
+        call(client).await
+    };
+    tokio::time::timeout(deadline, work)
+        .await
+        .map_err(|_| format!("no answer within {deadline:?}"))?
+}
+
+/// Status of one worker within `deadline` (connect and call together). Compilers are
+/// described (the agent caches them per binary), since the host list compares them.
 pub async fn fetch_status(
     endpoint: &str,
     token: &str,
     deadline: Duration,
 ) -> Result<pb::WorkerStatus, String> {
-    let call = async {
-        let channel = Endpoint::from_shared(format!("http://{endpoint}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(deadline)
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let bearer: MetadataValue<_> = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| "token is not valid ASCII".to_owned())?;
-        let mut client =
-            DistccAgentClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-                request
-                    .metadata_mut()
-                    .insert("authorization", bearer.clone());
-                Ok(request)
-            });
+    call_within(endpoint, token, deadline, |mut client| async move {
         client
             .status(pb::StatusRequest {
-                skip_compilers: true,
+                skip_compilers: false,
             })
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
-    };
-    tokio::time::timeout(deadline, call)
-        .await
-        .map_err(|_| format!("no answer within {deadline:?}"))?
+            .map_err(|s| status_text(&s))
+    })
+    .await
 }
 
-/// Status of every worker, in parallel, in configuration order.
-pub async fn status_all(workers: &[String], token: &str, deadline: Duration) -> Vec<WorkerView> {
-    let calls = workers.iter().map(|endpoint| async move {
-        let started = Instant::now();
-        let result = fetch_status(endpoint, token, deadline).await;
-        view(endpoint, result, started.elapsed())
-    });
-    futures_util::future::join_all(calls).await
+/// The source address this host uses to reach `endpoint`'s host: a UDP "connect" only
+/// asks the kernel for a route and sends nothing.
+pub async fn source_address(endpoint: &str, port: u16) -> Option<IpAddr> {
+    let host = endpoint_host(endpoint);
+    let target = tokio::net::lookup_host((host, port)).await.ok()?.next()?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(bind).await.ok()?;
+    socket.connect(target).await.ok()?;
+    socket.local_addr().ok().map(|a| a.ip())
+}
+
+/// Probe one worker: status and route, within `deadline`.
+pub async fn probe(endpoint: &str, token: &str, deadline: Duration) -> Probe {
+    let started = Instant::now();
+    let status = fetch_status(endpoint, token, deadline).await;
+    let latency = started.elapsed();
+    let port = status
+        .as_ref()
+        .ok()
+        .and_then(|s| s.settings.as_ref())
+        .and_then(|s| u16::try_from(s.port).ok())
+        .filter(|p| *p != 0)
+        .unwrap_or(3632);
+    Probe {
+        endpoint: endpoint.to_owned(),
+        builder_addr: source_address(endpoint, port).await,
+        status,
+        latency,
+    }
+}
+
+/// Probe every worker, in parallel, in configuration order.
+pub async fn probe_all(workers: &[String], token: &str, deadline: Duration) -> Vec<Probe> {
+    futures_util::future::join_all(workers.iter().map(|e| probe(e, token, deadline))).await
 }
 
 #[cfg(test)]
@@ -197,21 +303,51 @@ mod tests {
         assert_eq!(slots_of(&status("active", 0, 0, 2)), 4);
     }
 
+    fn probe_of(status: Result<pb::WorkerStatus, String>) -> Probe {
+        Probe {
+            endpoint: "198.18.3.11:3634".into(),
+            status,
+            latency: Duration::ZERO,
+            builder_addr: Some("198.18.3.1".parse().unwrap()),
+        }
+    }
+
     #[test]
-    fn inactive_or_unreachable_workers_are_excluded_with_a_reason() {
-        let v = view("w:1", Ok(status("failed", 0, 4, 2)), Duration::ZERO);
-        assert_eq!((v.reachable, v.slots), (true, 0));
-        assert_eq!(v.distccd_state.as_deref(), Some("failed"));
-        assert!(v.excluded_reason.unwrap().contains("failed"));
-        let v = view("w:1", Err("connect: refused".into()), Duration::ZERO);
+    fn views_carry_the_host_lists_verdict() {
+        let policy = Policy {
+            allow_mismatch: false,
+            local_slots: 0,
+        };
+        let mut active = status("active", 3, 0, 2);
+        active.effective_allow = vec!["198.18.3.0/24".into()];
+        let probes = [
+            probe_of(Ok(status("failed", 0, 4, 2))),
+            probe_of(Err("connect: refused".into())),
+            probe_of(Ok(active)),
+        ];
+        let list = host_list(&probes, &[], &policy);
+        let views: Vec<WorkerView> = probes
+            .iter()
+            .zip(&list.workers)
+            .map(|(p, v)| view(p, Some(v)))
+            .collect();
+        assert_eq!((views[0].reachable, views[0].slots), (true, 0));
+        assert_eq!(views[0].distccd_state.as_deref(), Some("failed"));
+        assert!(views[0].excluded_reason.clone().unwrap().contains("failed"));
+        let v = &views[1];
         assert_eq!(
             (v.reachable, v.slots, v.distccd_state.clone()),
             (false, 0, None)
         );
-        let json = serde_json::to_value(&v).unwrap();
+        let json = serde_json::to_value(v).unwrap();
         assert_eq!(json["distccd_state"], serde_json::Value::Null);
-        assert_eq!(json["excluded_reason"], "unreachable: connect: refused");
-        let v = view("w:1", Ok(status("active", 3, 0, 2)), Duration::ZERO);
-        assert_eq!((v.slots, v.excluded_reason), (3, None));
+        assert_eq!(
+            json["excluded_reason"],
+            "agent unreachable: connect: refused"
+        );
+        assert_eq!(
+            (views[2].slots, views[2].excluded_reason.clone()),
+            (3, None)
+        );
     }
 }

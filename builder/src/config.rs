@@ -18,6 +18,18 @@ pub struct BuilderConfig {
     pub tmpfs_size: String,
     /// Per-worker bound on one RPC: a dead worker costs at most this.
     pub deadline: Duration,
+    /// Per-worker bound on slow operations (reset, bootstrap, validate, smoketest), which
+    /// wait for systemd jobs or run a compiler.
+    pub operation_deadline: Duration,
+    /// Compilers whose links and fingerprints must match between builder and workers.
+    pub compilers: Vec<String>,
+    /// `localhost/N` in the host list; 0 leaves the builder out.
+    pub local_slots: u32,
+    /// distcc's masquerade directory; `None`: the first of `/usr/lib/distcc`,
+    /// `/usr/lib/distcc/bin` that holds a `gcc` link.
+    pub masquerade_dir: Option<PathBuf>,
+    /// Include workers whose compilers differ (`--allow-mismatch` sets it too).
+    pub allow_mismatch: bool,
 }
 
 #[derive(Debug, Error)]
@@ -42,8 +54,13 @@ struct RawConfig {
     workers: Vec<Spanned<String>>,
     token_file: Spanned<PathBuf>,
     workspace: Option<PathBuf>,
-    tmpfs_size: Option<String>,
+    tmpfs_size: Option<Spanned<String>>,
     deadline_ms: Option<Spanned<u64>>,
+    operation_deadline_ms: Option<Spanned<u64>>,
+    compilers: Option<Vec<Spanned<String>>>,
+    local_slots: Option<Spanned<u32>>,
+    masquerade_dir: Option<PathBuf>,
+    allow_mismatch: Option<bool>,
 }
 
 impl BuilderConfig {
@@ -102,16 +119,89 @@ impl BuilderConfig {
                 ));
             }
         };
+        let operation_deadline = match &raw.operation_deadline_ms {
+            None => Duration::from_secs(60),
+            Some(v) if (100..=3_600_000).contains(v.get_ref()) => {
+                Duration::from_millis(*v.get_ref())
+            }
+            Some(v) => {
+                return Err(invalid(
+                    v.span().start,
+                    "operation_deadline_ms",
+                    format!("{} is outside 100..=3600000", v.get_ref()),
+                ));
+            }
+        };
+        let compilers = match raw.compilers {
+            None => vec!["gcc".to_owned(), "g++".to_owned()],
+            Some(names) => {
+                for (i, name) in names.iter().enumerate() {
+                    let ok = !name.get_ref().is_empty()
+                        && name
+                            .get_ref()
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "+-._".contains(c));
+                    if !ok {
+                        return Err(invalid(
+                            name.span().start,
+                            &format!("compilers[{i}]"),
+                            format!("{:?} is not a compiler name", name.get_ref()),
+                        ));
+                    }
+                }
+                names.into_iter().map(Spanned::into_inner).collect()
+            }
+        };
+        let local_slots = match &raw.local_slots {
+            None => 2,
+            Some(v) if *v.get_ref() <= 256 => *v.get_ref(),
+            Some(v) => {
+                return Err(invalid(
+                    v.span().start,
+                    "local_slots",
+                    format!("{} is more than 256", v.get_ref()),
+                ));
+            }
+        };
+        if let Some(size) = raw
+            .tmpfs_size
+            .as_ref()
+            .filter(|size| !valid_tmpfs_size(size.get_ref()))
+        {
+            return Err(invalid(
+                size.span().start,
+                "tmpfs_size",
+                format!(
+                    "{:?} is not a size like \"2G\", \"512M\" or \"25%\"",
+                    size.get_ref()
+                ),
+            ));
+        }
         Ok(Self {
+            operation_deadline,
+            compilers,
+            local_slots,
+            masquerade_dir: raw.masquerade_dir,
+            allow_mismatch: raw.allow_mismatch.unwrap_or(false),
             workers: raw.workers.into_iter().map(Spanned::into_inner).collect(),
             token,
             workspace: raw
                 .workspace
                 .unwrap_or_else(|| PathBuf::from("/tmp/kernel-build")),
-            tmpfs_size: raw.tmpfs_size.unwrap_or_else(|| "2G".to_owned()),
+            tmpfs_size: raw
+                .tmpfs_size
+                .map_or_else(|| "2G".to_owned(), Spanned::into_inner),
             deadline,
         })
     }
+}
+
+/// tmpfs's `size=`: a number with an optional k/m/g suffix, or a percentage of RAM.
+fn valid_tmpfs_size(size: &str) -> bool {
+    let digits = size
+        .strip_suffix(['k', 'K', 'm', 'M', 'g', 'G', '%'])
+        .unwrap_or(size);
+    !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) && digits != "0"
 }
 
 #[cfg(test)]
@@ -140,6 +230,29 @@ mod tests {
         assert_eq!(c.workers, ["198.18.0.11:3634", "198.18.0.12:3634"]);
         assert_eq!(c.token, "0123456789abcdef");
         assert_eq!(c.deadline, Duration::from_secs(1));
+        assert_eq!(c.compilers, ["gcc", "g++"]);
+        assert_eq!(c.local_slots, 2);
+    }
+
+    #[test]
+    fn optional_keys_are_checked() {
+        let c = load("workers = []\ncompilers = [\"gcc\"]\nlocal_slots = 0\noperation_deadline_ms = 5000\nallow_mismatch = true\n").unwrap();
+        assert_eq!(
+            (c.compilers.len(), c.local_slots, c.allow_mismatch),
+            (1, 0, true)
+        );
+        for (body, key) in [
+            ("workers = []\ntmpfs_size = \"lots\"\n", "tmpfs_size"),
+            ("workers = []\ncompilers = [\"gcc; rm\"]\n", "compilers[0]"),
+            ("workers = []\nlocal_slots = 9999\n", "local_slots"),
+        ] {
+            match load(body).unwrap_err() {
+                ConfigError::Invalid { line, key: k, .. } => {
+                    assert_eq!((line, k.as_str()), (3, key))
+                }
+                e => panic!("{e}"),
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,15 @@
 //! The builder side of the distcc cluster: `builderctl`.
 //!
-//! So far: the configuration file and cluster-wide status. Builder mode (`enter`), the
-//! host list and the other cluster operations follow (issue 3).
+//! One module per concern: the configuration, talking to the agents, the host list, the
+//! builder's own toolchain, the tmpfs workspace, the live session and distcc's state
+//! files.
 
 pub mod cluster;
 pub mod config;
+pub mod host_list;
+pub mod local;
+pub mod ops;
+pub mod session;
+pub mod state_files;
+pub mod steer;
+pub mod workspace;

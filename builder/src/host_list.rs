@@ -1,0 +1,584 @@
+//! Which workers this builder sends compiles to, and why the others are left out.
+//!
+//! Pure: the caller gathers each worker's status, the source address the builder uses to
+//! reach it and the local compilers; [`HostList::compute`] decides, and
+//! [`HostList::render`] writes distcc's hosts-file syntax (`HOST:PORT/LIMIT,lzo`).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::Path;
+
+use distcc_proto::v1 as pb;
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::cluster::slots_of;
+
+/// distccd's port when a worker does not say (it always does; old agents might not).
+const DEFAULT_DISTCCD_PORT: u16 = 3632;
+
+/// A compiler on the builder, described the way the agent describes a worker's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LocalCompiler {
+    /// Masquerade name, e.g. `gcc`.
+    pub name: String,
+    /// First line of `--version`.
+    pub version: String,
+    /// `-dumpmachine`.
+    pub target: String,
+    /// sha256 of the real binary, hex.
+    pub fingerprint: String,
+}
+
+/// What the builder knows about one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerInput<'a> {
+    /// The agent endpoint as configured (`host:port`).
+    pub endpoint: &'a str,
+    /// The worker's status, or why it could not be had.
+    pub status: Result<&'a pb::WorkerStatus, &'a str>,
+    /// The source address this builder uses to reach the worker (what distccd's allowlist
+    /// sees); `None` when there is no route.
+    pub builder_addr: Option<IpAddr>,
+}
+
+/// Choices that are the operator's, not the workers'.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Include workers whose compilers differ from the builder's (with a warning).
+    pub allow_mismatch: bool,
+    /// Slots for `localhost` (compiles on the builder itself); 0 leaves it out.
+    pub local_slots: u32,
+}
+
+/// One line of the hosts file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostEntry {
+    /// Address or name distcc connects to.
+    pub host: String,
+    pub port: u16,
+    pub slots: u32,
+    /// Compress with LZO: pays on a real network, only costs CPU on loopback.
+    pub lzo: bool,
+}
+
+impl HostEntry {
+    /// distcc's syntax: `HOST:PORT/LIMIT[,lzo]`.
+    pub fn render(&self) -> String {
+        let mut line = format!("{}:{}/{}", self.host, self.port, self.slots);
+        if self.lzo {
+            line.push_str(",lzo");
+        }
+        line
+    }
+}
+
+/// The decision about one worker.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerVerdict {
+    pub endpoint: String,
+    /// The hosts-file entry; `None` when excluded.
+    pub entry: Option<HostEntry>,
+    /// Why the worker is excluded; `None` when included.
+    pub excluded_reason: Option<String>,
+    /// Included despite something worth knowing (a compiler mismatch with `allow_mismatch`).
+    pub warnings: Vec<String>,
+}
+
+/// The host list of one moment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostList {
+    /// In configuration order.
+    pub workers: Vec<WorkerVerdict>,
+    pub local_slots: u32,
+}
+
+impl HostList {
+    pub fn compute(inputs: &[WorkerInput<'_>], local: &[LocalCompiler], policy: &Policy) -> Self {
+        let workers = inputs
+            .iter()
+            .map(|input| match decide(input, local, policy) {
+                Ok((entry, warnings)) => WorkerVerdict {
+                    endpoint: input.endpoint.to_owned(),
+                    entry: Some(entry),
+                    excluded_reason: None,
+                    warnings,
+                },
+                Err(reason) => WorkerVerdict {
+                    endpoint: input.endpoint.to_owned(),
+                    entry: None,
+                    excluded_reason: Some(reason),
+                    warnings: Vec::new(),
+                },
+            })
+            .collect();
+        Self {
+            workers,
+            local_slots: policy.local_slots,
+        }
+    }
+
+    pub fn included(&self) -> impl Iterator<Item = &HostEntry> {
+        self.workers.iter().filter_map(|w| w.entry.as_ref())
+    }
+
+    /// Remote slots only: what `make -j` should use (local compiles are preprocessing's
+    /// competition, not extra capacity).
+    pub fn remote_slots(&self) -> u32 {
+        self.included().map(|e| e.slots).sum()
+    }
+
+    /// All slots, `localhost` included.
+    pub fn total_slots(&self) -> u32 {
+        self.remote_slots() + self.local_slots
+    }
+
+    pub fn verdict(&self, endpoint: &str) -> Option<&WorkerVerdict> {
+        self.workers.iter().find(|w| w.endpoint == endpoint)
+    }
+
+    /// The hosts file: a comment per excluded worker, then the workers (distcc fills slot 0
+    /// of every host before slot 1, so order matters little), then `localhost/N` last so
+    /// local compiles only take what the workers leave.
+    pub fn render(&self) -> String {
+        let mut text = String::from("# written by builderctl; rewritten as workers change\n");
+        for w in &self.workers {
+            if let Some(reason) = &w.excluded_reason {
+                text.push_str(&format!(
+                    "# excluded {}: {}\n",
+                    w.endpoint,
+                    one_line(reason)
+                ));
+            }
+        }
+        let mut hosts: Vec<String> = self.included().map(HostEntry::render).collect();
+        if self.local_slots > 0 {
+            hosts.push(format!("localhost/{}", self.local_slots));
+        }
+        text.push_str(&hosts.join(" "));
+        text.push('\n');
+        text
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+pub fn endpoint_host(endpoint: &str) -> &str {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+fn decide(
+    input: &WorkerInput<'_>,
+    local: &[LocalCompiler],
+    policy: &Policy,
+) -> Result<(HostEntry, Vec<String>), String> {
+    let status = input
+        .status
+        .map_err(|why| format!("agent unreachable: {why}"))?;
+    let unit = status.unit.clone().unwrap_or_default();
+    if unit.active_state != "active" {
+        return Err(format!(
+            "distccd is {} ({})",
+            or_unknown(&unit.active_state),
+            or_unknown(&unit.sub_state)
+        ));
+    }
+    let settings = status.settings.clone().unwrap_or_default();
+    let host = distcc_host(input.endpoint, &settings.listen)?;
+    let builder_addr = input
+        .builder_addr
+        .ok_or_else(|| format!("no route from this builder to {host}"))?;
+    let allow = if status.effective_allow.is_empty() {
+        &settings.allow
+    } else {
+        &status.effective_allow
+    };
+    if !admits(allow, builder_addr) {
+        return Err(format!(
+            "distccd's allowlist [{}] does not admit this builder ({builder_addr})",
+            allow.join(", ")
+        ));
+    }
+    let mut warnings = Vec::new();
+    for problem in compiler_mismatches(status, local) {
+        if policy.allow_mismatch {
+            warnings.push(problem);
+        } else {
+            return Err(problem);
+        }
+    }
+    let slots = slots_of(status);
+    if slots == 0 {
+        return Err("no slots: distccd reports no capacity".to_owned());
+    }
+    let lzo = !is_loopback_host(&host);
+    Ok((
+        HostEntry {
+            host,
+            port: u16::try_from(settings.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .unwrap_or(DEFAULT_DISTCCD_PORT),
+            slots,
+            lzo,
+        },
+        warnings,
+    ))
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() { "unknown" } else { s }
+}
+
+/// Where distcc connects: the agent's host, unless distccd binds one address only.
+fn distcc_host(endpoint: &str, listen: &str) -> Result<String, String> {
+    let agent_host = endpoint_host(endpoint);
+    match listen.parse::<IpAddr>() {
+        Err(_) => Ok(agent_host.to_owned()), // empty: distccd's default, all addresses
+        Ok(ip) if ip.is_unspecified() => Ok(agent_host.to_owned()),
+        Ok(ip) if ip.is_loopback() && !is_loopback_host(agent_host) => Err(format!(
+            "distccd listens on {ip} only, which this builder cannot reach"
+        )),
+        Ok(ip) => Ok(ip.to_string()),
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether one of the CIDRs (or plain addresses) admits `addr`. Unparsable entries admit
+/// nothing: the agent validates them, so one here means a newer format we do not know.
+pub fn admits(allow: &[String], addr: IpAddr) -> bool {
+    // An IPv4 address reaching an IPv6 socket may show as ::ffff:a.b.c.d; compare plainly.
+    let addr = match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    };
+    allow.iter().any(|entry| {
+        entry
+            .parse::<IpNet>()
+            .map(|net| net.contains(&addr))
+            .or_else(|_| entry.parse::<IpAddr>().map(|ip| ip == addr))
+            .unwrap_or(false)
+    })
+}
+
+/// One sentence per configured compiler the worker lacks or has in another build.
+pub fn compiler_mismatches(status: &pb::WorkerStatus, local: &[LocalCompiler]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for mine in local {
+        let Some(theirs) = status.compilers.iter().find(|c| c.name == mine.name) else {
+            problems.push(format!(
+                "no `{}` masquerade link on the worker (distccd would refuse it)",
+                mine.name
+            ));
+            continue;
+        };
+        if theirs.fingerprint.is_empty() {
+            let why = if theirs.error.is_empty() {
+                "not described yet"
+            } else {
+                theirs.error.as_str()
+            };
+            problems.push(format!(
+                "cannot compare `{}`: the worker's is unknown ({why})",
+                mine.name
+            ));
+        } else if theirs.fingerprint != mine.fingerprint {
+            let detail = if theirs.version == mine.version && theirs.target == mine.target {
+                format!(
+                    "same version {:?} but another binary (sha256 {} here, {} there)",
+                    mine.version,
+                    short(&mine.fingerprint),
+                    short(&theirs.fingerprint)
+                )
+            } else {
+                format!(
+                    "worker has {:?} for {}, builder has {:?} for {}",
+                    theirs.version,
+                    or_unknown(&theirs.target),
+                    mine.version,
+                    or_unknown(&mine.target)
+                )
+            };
+            problems.push(format!("`{}` differs: {detail}", mine.name));
+        }
+    }
+    problems
+}
+
+fn short(fingerprint: &str) -> &str {
+    fingerprint.get(..12).unwrap_or(fingerprint)
+}
+
+/// Replace `path` with `text` so that a concurrent reader (every distcc invocation reads
+/// the hosts file) sees the old or the new file, never a partial one, even after a crash.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut temp = tempfile::Builder::new()
+        .prefix(".hosts.")
+        .tempfile_in(dir)?;
+    temp.write_all(text.as_bytes())?;
+    temp.as_file().sync_all()?;
+    // tempfile creates 0600; distcc may run as another user sharing the session.
+    std::fs::set_permissions(
+        temp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )?;
+    temp.persist(path).map_err(|e| e.error)?;
+    // The rename is durable only once the directory is.
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const GCC_SUM: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    fn gcc(version: &str, fingerprint: &str) -> pb::Compiler {
+        pb::Compiler {
+            name: "gcc".into(),
+            path: "/usr/bin/x86_64-linux-gnu-gcc-12".into(),
+            version: version.into(),
+            target: "x86_64-linux-gnu".into(),
+            fingerprint: fingerprint.into(),
+            error: String::new(),
+        }
+    }
+
+    fn local() -> Vec<LocalCompiler> {
+        vec![LocalCompiler {
+            name: "gcc".into(),
+            version: "gcc (Debian 12.2.0-14) 12.2.0".into(),
+            target: "x86_64-linux-gnu".into(),
+            fingerprint: GCC_SUM.into(),
+        }]
+    }
+
+    fn healthy(jobs: u32) -> pb::WorkerStatus {
+        pb::WorkerStatus {
+            unit: Some(pb::UnitState {
+                active_state: "active".into(),
+                sub_state: "running".into(),
+                ..Default::default()
+            }),
+            settings: Some(pb::DistccdSettings {
+                allow: vec!["198.18.3.0/24".into()],
+                jobs,
+                listen: "0.0.0.0".into(),
+                port: 3632,
+                ..Default::default()
+            }),
+            effective_allow: vec!["198.18.3.0/24".into(), "127.0.0.1/32".into()],
+            capacity: Some(pb::Capacity {
+                online_cpus: 2,
+                ..Default::default()
+            }),
+            compilers: vec![gcc("gcc (Debian 12.2.0-14) 12.2.0", GCC_SUM)],
+            ..Default::default()
+        }
+    }
+
+    fn builder() -> Option<IpAddr> {
+        Some("198.18.3.1".parse().unwrap())
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            allow_mismatch: false,
+            local_slots: 2,
+        }
+    }
+
+    fn input<'a>(endpoint: &'a str, status: &'a pb::WorkerStatus) -> WorkerInput<'a> {
+        WorkerInput {
+            endpoint,
+            status: Ok(status),
+            builder_addr: builder(),
+        }
+    }
+
+    fn reason(list: &HostList, endpoint: &str) -> String {
+        list.verdict(endpoint)
+            .unwrap()
+            .excluded_reason
+            .clone()
+            .unwrap_or_else(|| panic!("{endpoint} was included"))
+    }
+
+    #[test]
+    fn healthy_workers_render_in_distcc_syntax_with_localhost_last() {
+        let (a, b) = (healthy(3), healthy(0));
+        let list = HostList::compute(
+            &[input("198.18.3.11:3634", &a), input("198.18.3.12:3634", &b)],
+            &local(),
+            &policy(),
+        );
+        // jobs = 0 falls back to CPUs + 2.
+        assert_eq!(list.remote_slots(), 3 + 4);
+        assert_eq!(list.total_slots(), 9);
+        let text = list.render();
+        assert_eq!(
+            text.lines().last().unwrap(),
+            "198.18.3.11:3632/3,lzo 198.18.3.12:3632/4,lzo localhost/2"
+        );
+        assert!(!text.contains("excluded"));
+    }
+
+    #[test]
+    fn each_exclusion_carries_its_reason() {
+        let mut stopped = healthy(3);
+        stopped.unit.as_mut().unwrap().active_state = "inactive".into();
+        stopped.unit.as_mut().unwrap().sub_state = "dead".into();
+        let mut narrow = healthy(3);
+        narrow.effective_allow = vec!["198.18.9.0/24".into(), "127.0.0.1/32".into()];
+        let mut other_gcc = healthy(3);
+        other_gcc.compilers = vec![gcc(
+            "gcc (Debian 11.3.0-12) 11.3.0",
+            "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+        )];
+        let mut no_gcc = healthy(3);
+        no_gcc.compilers.clear();
+        let good = healthy(3);
+        let inputs = [
+            WorkerInput {
+                endpoint: "198.18.3.11:3634",
+                status: Err("connect: timed out"),
+                builder_addr: builder(),
+            },
+            input("198.18.3.12:3634", &stopped),
+            input("198.18.3.13:3634", &narrow),
+            input("198.18.3.14:3634", &other_gcc),
+            input("198.18.3.15:3634", &no_gcc),
+            WorkerInput {
+                builder_addr: None,
+                ..input("198.18.3.16:3634", &good)
+            },
+            input("198.18.3.17:3634", &good),
+        ];
+        let list = HostList::compute(&inputs, &local(), &policy());
+        assert!(reason(&list, "198.18.3.11:3634").contains("unreachable: connect: timed out"));
+        assert_eq!(
+            reason(&list, "198.18.3.12:3634"),
+            "distccd is inactive (dead)"
+        );
+        let r = reason(&list, "198.18.3.13:3634");
+        assert!(
+            r.contains("does not admit this builder (198.18.3.1)"),
+            "{r}"
+        );
+        let r = reason(&list, "198.18.3.14:3634");
+        assert!(r.contains("`gcc` differs") && r.contains("11.3.0"), "{r}");
+        assert!(reason(&list, "198.18.3.15:3634").contains("no `gcc` masquerade link"));
+        assert!(reason(&list, "198.18.3.16:3634").contains("no route"));
+        assert_eq!(
+            list.included().map(HostEntry::render).collect::<Vec<_>>(),
+            ["198.18.3.17:3632/3,lzo"]
+        );
+        // Every excluded worker is explained in the file itself.
+        let text = list.render();
+        assert_eq!(text.matches("# excluded").count(), 6, "{text}");
+        // JSON for scripts: null reason when included.
+        let json = serde_json::to_value(&list).unwrap();
+        assert_eq!(
+            json["workers"][6]["excluded_reason"],
+            serde_json::Value::Null
+        );
+    }
+
+    #[test]
+    fn allow_mismatch_includes_with_a_warning() {
+        let mut other_gcc = healthy(3);
+        other_gcc.compilers = vec![gcc("gcc (Debian 12.2.0-14) 12.2.0", "cc")];
+        let list = HostList::compute(
+            &[input("198.18.3.11:3634", &other_gcc)],
+            &local(),
+            &Policy {
+                allow_mismatch: true,
+                local_slots: 0,
+            },
+        );
+        let verdict = list.verdict("198.18.3.11:3634").unwrap();
+        assert!(verdict.entry.is_some());
+        assert!(verdict.warnings[0].contains("same version"), "{verdict:?}");
+        assert_eq!(
+            list.render().lines().last().unwrap(),
+            "198.18.3.11:3632/3,lzo"
+        );
+    }
+
+    #[test]
+    fn unknown_worker_compiler_is_not_a_match() {
+        let mut cold = healthy(3);
+        cold.compilers[0].fingerprint.clear();
+        let list = HostList::compute(&[input("w:3634", &cold)], &local(), &policy());
+        assert!(reason(&list, "w:3634").contains("not described yet"));
+    }
+
+    #[test]
+    fn loopback_workers_get_no_lzo_and_listen_address_is_respected() {
+        let mut status = healthy(2);
+        status.effective_allow = vec!["127.0.0.0/8".into()];
+        let list = HostList::compute(
+            &[WorkerInput {
+                builder_addr: Some("127.0.0.1".parse().unwrap()),
+                ..input("127.0.0.1:3634", &status)
+            }],
+            &local(),
+            &policy(),
+        );
+        assert_eq!(
+            list.render().lines().last().unwrap(),
+            "127.0.0.1:3632/2 localhost/2"
+        );
+        let mut local_only = healthy(2);
+        local_only.settings.as_mut().unwrap().listen = "127.0.0.1".into();
+        let list = HostList::compute(
+            &[input("198.18.3.11:3634", &local_only)],
+            &local(),
+            &policy(),
+        );
+        assert!(reason(&list, "198.18.3.11:3634").contains("listens on 127.0.0.1 only"));
+    }
+
+    #[test]
+    fn allowlist_matching() {
+        let allow = [
+            "10.0.0.0/8".to_owned(),
+            "192.168.1.7".to_owned(),
+            "junk".to_owned(),
+        ];
+        assert!(admits(&allow, "10.1.2.3".parse().unwrap()));
+        assert!(admits(&allow, "192.168.1.7".parse().unwrap()));
+        assert!(admits(&allow, "::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!admits(&allow, "192.168.1.8".parse().unwrap()));
+        assert!(!admits(&[], "10.1.2.3".parse().unwrap()));
+    }
+
+    #[test]
+    fn endpoint_hosts() {
+        assert_eq!(endpoint_host("198.18.0.11:3634"), "198.18.0.11");
+        assert_eq!(endpoint_host("[::1]:3634"), "::1");
+        assert_eq!(endpoint_host("w1.example:3634"), "w1.example");
+    }
+
+    #[test]
+    fn atomic_write_replaces_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        write_atomically(&path, "a\n").unwrap();
+        write_atomically(&path, "b\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "b\n");
+        // No temp files left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

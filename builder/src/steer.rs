@@ -1,0 +1,249 @@
+//! Live steering: follow every worker's `WatchStatus` stream and rewrite the session's
+//! hosts file whenever the host list changes, so a running build stops sending work to a
+//! worker that went away and uses it again when it comes back (distcc re-reads the file
+//! on every compile).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use distcc_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+use crate::cluster::{Client, Probe, connect, host_list, source_address, status_text};
+use crate::host_list::{HostList, LocalCompiler, Policy, write_atomically};
+
+/// How the session follows the workers.
+#[derive(Debug, Clone)]
+pub struct SteeringConfig {
+    pub token: String,
+    /// Bound on connecting and on one RPC.
+    pub deadline: Duration,
+    /// The agents send a status at least this often.
+    pub interval: Duration,
+    pub local: Vec<LocalCompiler>,
+    pub policy: Policy,
+    pub hosts_file: PathBuf,
+}
+
+impl SteeringConfig {
+    /// A stream silent for this long is treated as a dead worker (a cut link sends
+    /// nothing, not even an error).
+    fn stale_after(&self) -> Duration {
+        (self.interval * 3).max(self.deadline)
+    }
+}
+
+/// Follow the workers forever (until dropped; it never returns, even with no worker),
+/// starting from `probes`, calling `changed(before, after)` after each rewrite of the
+/// hosts file.
+pub async fn steer(
+    config: SteeringConfig,
+    mut probes: Vec<Probe>,
+    mut changed: impl FnMut(&HostList, &HostList),
+) {
+    let config = Arc::new(config);
+    let (updates, mut received) = mpsc::channel::<(usize, Probe)>(64);
+    let followers: Vec<_> = probes
+        .iter()
+        .enumerate()
+        .map(|(index, probe)| {
+            tokio::spawn(follow(
+                index,
+                probe.endpoint.clone(),
+                config.clone(),
+                updates.clone(),
+            ))
+        })
+        .collect();
+    // Abort the followers when this future is dropped.
+    let _abort = AbortOnDrop(followers);
+    drop(updates);
+    let mut current = host_list(&probes, &config.local, &config.policy);
+    let mut written = current.render();
+    while let Some((index, probe)) = received.recv().await {
+        probes[index] = probe;
+        // Drain what else is queued: one rewrite for a burst of updates.
+        while let Ok((index, probe)) = received.try_recv() {
+            probes[index] = probe;
+        }
+        let next = host_list(&probes, &config.local, &config.policy);
+        let text = next.render();
+        if text != written {
+            if let Err(e) = write_atomically(&config.hosts_file, &text) {
+                // Keep the old file (still valid) and retry on the next update.
+                eprintln!(
+                    "builderctl: cannot rewrite {}: {e}",
+                    config.hosts_file.display()
+                );
+                continue;
+            }
+            changed(&current, &next);
+            written = text;
+            current = next;
+        }
+    }
+    // No worker configured: nothing to follow, but the caller's select! must not see an
+    // end (a finished future must not be polled again).
+    std::future::pending::<()>().await;
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Follow one worker: (re)connect, watch, report every status or failure.
+async fn follow(
+    index: usize,
+    endpoint: String,
+    config: Arc<SteeringConfig>,
+    updates: mpsc::Sender<(usize, Probe)>,
+) {
+    let interval_ms = u32::try_from(config.interval.as_millis()).unwrap_or(u32::MAX);
+    loop {
+        let started = Instant::now();
+        let failure = match tokio::time::timeout(
+            config.deadline,
+            connect(&endpoint, &config.token, config.deadline),
+        )
+        .await
+        {
+            Err(_) => format!("no answer within {:?}", config.deadline),
+            Ok(Err(e)) => e,
+            Ok(Ok(client)) => watch(index, &endpoint, client, interval_ms, &config, &updates).await,
+        };
+        let probe = Probe {
+            endpoint: endpoint.clone(),
+            status: Err(failure),
+            latency: started.elapsed(),
+            builder_addr: None,
+        };
+        if updates.send((index, probe)).await.is_err() {
+            return;
+        }
+        // Retry soon: a worker that comes back should be used again within seconds.
+        tokio::time::sleep(config.interval).await;
+    }
+}
+
+/// Report statuses until the stream fails; returns why.
+async fn watch(
+    index: usize,
+    endpoint: &str,
+    mut client: Client,
+    interval_ms: u32,
+    config: &SteeringConfig,
+    updates: &mpsc::Sender<(usize, Probe)>,
+) -> String {
+    let request = pb::WatchStatusRequest { interval_ms };
+    let mut stream = match tokio::time::timeout(config.deadline, client.watch_status(request)).await
+    {
+        Err(_) => return format!("no answer within {:?}", config.deadline),
+        Ok(Err(status)) => return status_text(&status),
+        Ok(Ok(response)) => response.into_inner(),
+    };
+    let mut builder_addr = None;
+    loop {
+        let started = Instant::now();
+        let mut status = match tokio::time::timeout(config.stale_after(), stream.message()).await {
+            Err(_) => return format!("no status for {:?}", config.stale_after()),
+            Ok(Err(status)) => return status_text(&status),
+            Ok(Ok(None)) => return "the agent ended the status stream".to_owned(),
+            Ok(Ok(Some(status))) => status,
+        };
+        // The stream does not run compilers; a compiler it has not described yet (new or
+        // changed binary) is described by one full Status call.
+        if needs_compiler_refresh(&status, &config.local) {
+            let full = client.status(pb::StatusRequest {
+                skip_compilers: false,
+            });
+            if let Ok(Ok(response)) = tokio::time::timeout(config.deadline, full).await {
+                status = response.into_inner();
+            }
+        }
+        let port = status
+            .settings
+            .as_ref()
+            .and_then(|s| u16::try_from(s.port).ok())
+            .filter(|p| *p != 0)
+            .unwrap_or(3632);
+        if builder_addr.is_none() {
+            builder_addr = source_address(endpoint, port).await;
+        }
+        let probe = Probe {
+            endpoint: endpoint.to_owned(),
+            status: Ok(status),
+            latency: started.elapsed(),
+            builder_addr,
+        };
+        if updates.send((index, probe)).await.is_err() {
+            return "session ended".to_owned();
+        }
+    }
+}
+
+/// Whether a configured compiler appears without a fingerprint and without an error.
+pub fn needs_compiler_refresh(status: &pb::WorkerStatus, local: &[LocalCompiler]) -> bool {
+    local.iter().any(|mine| {
+        status
+            .compilers
+            .iter()
+            .any(|c| c.name == mine.name && c.fingerprint.is_empty() && c.error.is_empty())
+    })
+}
+
+/// One line per worker whose place in the host list changed.
+pub fn describe_change(before: &HostList, after: &HostList) -> Vec<String> {
+    after
+        .workers
+        .iter()
+        .filter_map(|now| {
+            let was = before.verdict(&now.endpoint);
+            if was.map(|w| (&w.entry, &w.excluded_reason))
+                == Some((&now.entry, &now.excluded_reason))
+            {
+                return None;
+            }
+            Some(match (&now.entry, &now.excluded_reason) {
+                (Some(entry), _) => format!("{}: in, {}", now.endpoint, entry.render()),
+                (None, Some(reason)) => format!("{}: out, {reason}", now.endpoint),
+                (None, None) => format!("{}: out", now.endpoint),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_only_for_undescribed_configured_compilers() {
+        let local = vec![LocalCompiler {
+            name: "gcc".into(),
+            version: String::new(),
+            target: String::new(),
+            fingerprint: "ab".into(),
+        }];
+        let mut status = pb::WorkerStatus {
+            compilers: vec![pb::Compiler {
+                name: "gcc".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(needs_compiler_refresh(&status, &local));
+        status.compilers[0].fingerprint = "ab".into();
+        assert!(!needs_compiler_refresh(&status, &local));
+        status.compilers[0].fingerprint.clear();
+        status.compilers[0].error = "no such compiler installed".into();
+        assert!(!needs_compiler_refresh(&status, &local));
+    }
+}

@@ -1,0 +1,480 @@
+//! `builderctl` against real workers: three systemd-nspawn containers running the real
+//! agent (see `distcc-testbed`), the root namespace acting as the builder. One test boots
+//! the cluster once and walks through healthy, stopped and unreachable workers, since
+//! booting is the slow part.
+//!
+//! Needs root. Run with `cargo build -p distcc-agent && cargo test -p distcc-builder`.
+
+// A failed step should fail the test loudly, with the value that was not there.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use distcc_testbed::{AgentInstall, Rootfs, TEST_TOKEN, Testbed, Worker, agent_config};
+use serde_json::Value;
+
+const BUILDERCTL: &str = env!("CARGO_BIN_EXE_builderctl");
+/// The per-worker RPC deadline the tests configure.
+const DEADLINE: Duration = Duration::from_millis(1000);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A builder configuration in a temporary directory, and the tmpfs workspace it names
+/// (unmounted on drop, even when the test panics).
+struct Builder {
+    dir: tempfile::TempDir,
+    workspace: PathBuf,
+}
+
+impl Builder {
+    fn new(workers: &[String], workspace: Option<&Path>) -> Builder {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), format!("{TEST_TOKEN}\n")).unwrap();
+        let workspace = workspace.map_or_else(|| dir.path().join("ws"), Path::to_owned);
+        let workers: Vec<String> = workers.iter().map(|w| format!("{w:?}")).collect();
+        std::fs::write(
+            dir.path().join("builder.toml"),
+            format!(
+                "workers = [{}]\ntoken_file = \"{}\"\nworkspace = \"{}\"\ntmpfs_size = \"64M\"\n\
+                 deadline_ms = {}\noperation_deadline_ms = 30000\n",
+                workers.join(", "),
+                dir.path().join("token").display(),
+                workspace.display(),
+                DEADLINE.as_millis(),
+            ),
+        )
+        .unwrap();
+        Builder { dir, workspace }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BUILDERCTL);
+        command
+            .arg("--config")
+            .arg(self.dir.path().join("builder.toml"))
+            .args(args)
+            .env_remove("BUILDERCTL_SESSION")
+            .env_remove("DISTCC_HOSTS")
+            .env_remove("DISTCC_DIR");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run builderctl")
+    }
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        // Lazy: a panicking test may still have a shell in there.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.workspace)
+            .output();
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(output)))
+}
+
+fn by_endpoint<'a>(doc: &'a Value, endpoint: &str) -> &'a Value {
+    doc["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["endpoint"] == endpoint)
+        .unwrap_or_else(|| panic!("{endpoint} missing in {doc}"))
+}
+
+/// Bounded polling: the bound only keeps a broken build from hanging CI.
+fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
+/// compile_ok of every worker, from `status --json`.
+fn compiles(builder: &Builder, endpoints: &[String]) -> Vec<u64> {
+    let doc = json(&builder.run(&["status", "--json"]));
+    endpoints
+        .iter()
+        .map(|e| by_endpoint(&doc, e)["compile_ok"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+/// A small multi-file C project: 12 translation units and a main.
+fn write_project(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut objects = Vec::new();
+    let mut calls = String::new();
+    for i in 0..12 {
+        std::fs::write(
+            dir.join(format!("part{i}.c")),
+            format!("int part{i}(int x) {{ int s = 0; for (int k = 0; k < x; k++) s += k * {i}; return s; }}\n"),
+        )
+        .unwrap();
+        objects.push(format!("part{i}.o"));
+        calls.push_str(&format!("int part{i}(int);\n"));
+    }
+    let sum: Vec<String> = (0..12).map(|i| format!("part{i}(10)")).collect();
+    std::fs::write(
+        dir.join("main.c"),
+        format!(
+            "#include <stdio.h>\n{calls}int main(void) {{ printf(\"sum=%d\\n\", {}); return 0; }}\n",
+            sum.join(" + ")
+        ),
+    )
+    .unwrap();
+    // Compiles go through $(CC) (distcc); the link runs plain gcc, locally.
+    std::fs::write(
+        dir.join("Makefile"),
+        format!(
+            "prog: main.o {objs}\n\tgcc -o $@ $^\n%.o: %.c\n\t$(CC) -O2 -c $< -o $@\n",
+            objs = objects.join(" ")
+        ),
+    )
+    .unwrap();
+}
+
+fn boot_cluster(bed: &Testbed) -> Vec<Worker> {
+    let install = AgentInstall::from_workspace(&repo_root()).expect("agent binary");
+    let config = agent_config(bed, 3);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ["w1", "w2", "w3"]
+            .into_iter()
+            .map(|name| {
+                let (install, config) = (&install, &config);
+                scope.spawn(move || {
+                    bed.boot_agent_worker(name, install, config, |spec| spec)
+                        .expect("boot a worker running the agent")
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn builderctl_against_a_three_worker_cluster() {
+    Rootfs::ensure().expect("test-bed root filesystem");
+    let bed = Testbed::create().expect("test-bed network");
+    let workers = boot_cluster(&bed);
+    let endpoints: Vec<String> = workers.iter().map(|w| format!("{}:3634", w.ip())).collect();
+    let builder = Builder::new(&endpoints, None);
+
+    // All healthy: every worker in the host list, with slots, and exit status 0.
+    let out = builder.run(&["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let doc = json(&out);
+    for e in &endpoints {
+        let w = by_endpoint(&doc, e);
+        assert_eq!(w["reachable"], true, "{w}");
+        assert_eq!(w["distccd_state"], "active", "{w}");
+        assert_eq!(w["slots"], 3, "{w}");
+        assert_eq!(w["excluded_reason"], Value::Null, "{w}");
+    }
+    let out = builder.run(&["hosts"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for w in &workers {
+        let line = format!("{}:3632/3,lzo", w.ip());
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&line),
+            "{}",
+            text(&out)
+        );
+    }
+
+    // `env` prints what `eval` needs.
+    let out = builder.run(&[
+        "env",
+        "--distcc-dir",
+        builder.dir.path().join("envdir").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let exports = String::from_utf8_lossy(&out.stdout).into_owned();
+    for want in [
+        "export CC='distcc gcc'",
+        "export CXX='distcc g++'",
+        "export DISTCC_SLOTS='11'",
+        "export PATH='/usr/lib/distcc:",
+    ] {
+        assert!(exports.contains(want), "{want} in {exports}");
+    }
+    let hosts = std::fs::read_to_string(builder.dir.path().join("envdir/hosts")).unwrap();
+    assert!(hosts.trim_end().ends_with("localhost/2"), "{hosts}");
+
+    // A real build through the cluster, no local fallback; compiles spread over workers.
+    let source = builder.dir.path().join("project");
+    write_project(&source);
+    let before = compiles(&builder, &endpoints);
+    let script = format!(
+        "set -e; cp {src}/* .; [ \"$PWD\" = {ws} ]; make -s -j\"$DISTCC_SLOTS\"; ./prog",
+        src = source.display(),
+        ws = builder.workspace.display()
+    );
+    let out = builder
+        .command(&["enter", "--", "sh", "-c", &script])
+        .env("DISTCC_FALLBACK", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sum="),
+        "{}",
+        text(&out)
+    );
+    let after = compiles(&builder, &endpoints);
+    let per_worker: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(
+        per_worker.iter().all(|n| *n >= 1),
+        "compiles per worker: {per_worker:?}"
+    );
+    assert!(
+        per_worker.iter().sum::<u64>() >= 7,
+        "compiles per worker: {per_worker:?}"
+    );
+
+    // The exit status of the command is the session's; entering twice is refused.
+    let out = builder.run(&["enter", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let out = builder
+        .command(&["enter", "--", "true"])
+        .env("BUILDERCTL_SESSION", "/somewhere")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already in a builder session"));
+
+    // Smoketest: a compile on each worker, proven by its statistics.
+    let out = builder.run(&["smoketest", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for e in &endpoints {
+        let r = by_endpoint(&json(&out), e).clone();
+        assert!(
+            r["compile_ok_after"].as_u64() > r["compile_ok_before"].as_u64(),
+            "{r}"
+        );
+    }
+
+    // Live steering: cut w3's link while a session runs; the hosts file drops it within
+    // seconds and takes it back when the link returns.
+    let marks = builder.dir.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    let w3_ip = workers[2].ip();
+    let steering_script = format!(
+        "echo \"$DISTCC_DIR\" > {m}/dir.tmp && mv {m}/dir.tmp {m}/dir\n\
+         i=0; until grep -q '^# excluded {w3_ip}:' \"$DISTCC_DIR/hosts\"; do sleep 0.1; i=$((i+1)); [ $i -lt 300 ] || exit 3; done\n\
+         touch {m}/dropped\n\
+         i=0; until grep -q ' *{w3_ip}:3632/3' \"$DISTCC_DIR/hosts\"; do sleep 0.1; i=$((i+1)); [ $i -lt 600 ] || exit 4; done\n",
+        m = marks.display()
+    );
+    let mut session = builder
+        .command(&["enter", "--", "sh", "-c", &steering_script])
+        .spawn()
+        .unwrap();
+    eventually("the session started", Duration::from_secs(30), || {
+        marks.join("dir").exists()
+    });
+    workers[2].set_link(false).unwrap();
+    let dropped_after = eventually(
+        "w3 dropped from the hosts file",
+        Duration::from_secs(30),
+        || marks.join("dropped").exists(),
+    );
+    assert!(
+        dropped_after < Duration::from_secs(10),
+        "took {dropped_after:?}"
+    );
+    workers[2].set_link(true).unwrap();
+    let status = session.wait().unwrap();
+    assert!(status.success(), "steering session: {status}");
+
+    // Another compiler behind `gcc` on w1 (agents resolve /usr/local/bin first): left out,
+    // with the reason in `hosts` and `status`; included with --allow-mismatch; back once
+    // the compiler is the same again.
+    workers[0]
+        .write_file(
+            "/usr/local/bin/gcc",
+            "#!/bin/sh\nexec /usr/bin/gcc-12 \"$@\"\n",
+            0o755,
+        )
+        .unwrap();
+    let doc = json(&builder.run(&["status", "--json"]));
+    let reason = by_endpoint(&doc, &endpoints[0])["excluded_reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reason.contains("`gcc` differs"), "{doc}");
+    let out = builder.run(&["hosts"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("`gcc` differs"),
+        "{}",
+        text(&out)
+    );
+    let doc = json(&builder.run(&["--allow-mismatch", "hosts", "--json"]));
+    let w1 = by_endpoint(&doc, &endpoints[0]);
+    assert_eq!(w1["entry"]["slots"], 3, "{doc}");
+    assert!(
+        w1["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("`gcc` differs"),
+        "{doc}"
+    );
+    workers[0].exec_ok(&["rm", "/usr/local/bin/gcc"]).unwrap();
+    let doc = json(&builder.run(&["hosts", "--json"]));
+    assert_eq!(
+        by_endpoint(&doc, &endpoints[0])["excluded_reason"],
+        Value::Null,
+        "{doc}"
+    );
+
+    // A stopped distccd and an unreachable worker.
+    workers[1]
+        .exec_ok(&["systemctl", "stop", "distccd"])
+        .unwrap();
+    let out = builder.run(&["hosts", "--json"]);
+    let doc = json(&out);
+    let w2 = by_endpoint(&doc, &endpoints[1]);
+    assert_eq!(w2["entry"], Value::Null, "{doc}");
+    assert!(
+        w2["excluded_reason"]
+            .as_str()
+            .unwrap()
+            .contains("distccd is inactive"),
+        "{doc}"
+    );
+    let out = builder.run(&["hosts"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("excluded: distccd is inactive"),
+        "{}",
+        text(&out)
+    );
+
+    workers[2].set_link(false).unwrap();
+    let started = Instant::now();
+    let out = builder.run(&["status", "--json"]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // Parallel, each bounded: one dead worker costs one deadline (plus process start-up).
+    assert!(took < DEADLINE * 3, "status took {took:?}");
+    let doc = json(&out);
+    let (w1, w2, w3) = (
+        by_endpoint(&doc, &endpoints[0]),
+        by_endpoint(&doc, &endpoints[1]),
+        by_endpoint(&doc, &endpoints[2]),
+    );
+    assert_eq!(
+        (
+            w1["reachable"].clone(),
+            w1["slots"].clone(),
+            w1["excluded_reason"].clone()
+        ),
+        (Value::Bool(true), 3.into(), Value::Null)
+    );
+    assert_eq!(w2["reachable"], true);
+    assert_eq!(w2["distccd_state"], "inactive");
+    assert_eq!(w2["slots"], 0);
+    assert!(w2["excluded_reason"].is_string(), "{w2}");
+    assert_eq!(w3["reachable"], false);
+    assert_eq!(w3["distccd_state"], Value::Null);
+    assert_eq!(w3["slots"], 0);
+    assert!(
+        w3["excluded_reason"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{w3}"
+    );
+
+    // Smoketest and validate fail on the broken workers only.
+    let out = builder.run(&["smoketest", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let doc = json(&out);
+    let passed: Vec<bool> = endpoints
+        .iter()
+        .map(|e| by_endpoint(&doc, e)["passed"] == true)
+        .collect();
+    assert_eq!(passed, [true, false, false], "{doc}");
+    let out = builder.run(&["validate", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let doc = json(&out);
+    assert_eq!(by_endpoint(&doc, &endpoints[2])["passed"], false);
+    let w2_failed: Vec<String> = by_endpoint(&doc, &endpoints[1])["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["passed"] == false)
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        w2_failed.contains(&"distcc-port-reachable".to_owned()),
+        "{doc}"
+    );
+
+    // Rolling reset stops at the unreachable worker; w2 comes back on the way.
+    let out = builder.run(&["reset", "--rolling", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let doc = json(&out);
+    assert_eq!(by_endpoint(&doc, &endpoints[0])["passed"], true, "{doc}");
+    assert_eq!(
+        by_endpoint(&doc, &endpoints[1])["distccd_state"],
+        "active",
+        "{doc}"
+    );
+    assert_eq!(by_endpoint(&doc, &endpoints[2])["passed"], false, "{doc}");
+    // Named workers only; bootstrap of the reachable ones succeeds.
+    let out = builder.run(&["bootstrap", &workers[0].ip().to_string(), &endpoints[1]]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = builder.run(&["reset", "w9"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    // Leave: unmounts the workspace now that no session uses it.
+    let out = builder.run(&["leave"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains(&format!(" {} ", builder.workspace.display())));
+}
+
+#[test]
+fn enter_refuses_to_mount_over_a_non_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let workspace = dir.path().join("precious");
+    std::fs::create_dir(&workspace).unwrap();
+    std::fs::write(workspace.join("notes.txt"), "keep me").unwrap();
+    let builder = Builder::new(&[], Some(&workspace));
+    let out = builder.run(&["enter", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not empty") && stderr.contains("notes.txt"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(workspace.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains(&format!(" {} ", workspace.display())));
+    // And `leave` does not pretend to unmount what is not mounted.
+    let out = builder.run(&["leave"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}

@@ -1,0 +1,271 @@
+//! Rollout with apt, for real: the project's .deb packages built by packaging/build-debs
+//! (two versions), served from a local repository made by packaging/apt-repo, installed,
+//! upgraded while a build runs through the worker, removed and purged in a worker
+//! container with real systemd, dpkg and apt.
+//!
+//! Slow the first time (release build, cargo-deb); needs root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use distcc_testbed::{Testbed, Worker, WorkerSpec};
+
+const OLD: &str = "0.1.0+rollout1";
+const NEW: &str = "0.1.0+rollout2";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Both versions of the packages in one local apt repository.
+fn build_repository(dir: &Path) {
+    for version in [OLD, NEW] {
+        let debian = repo_root().join("target/debian");
+        let _ = std::fs::remove_dir_all(&debian);
+        run(Command::new(repo_root().join("packaging/build-debs")).arg(version));
+        for entry in std::fs::read_dir(&debian).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "deb") {
+                std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    run(Command::new(repo_root().join("packaging/apt-repo")).arg(dir));
+}
+
+/// apt inside the worker, with only the local repository as a source (the workers have
+/// no route anywhere else).
+fn apt(w: &Worker, args: &[&str]) -> String {
+    let mut argv = vec![
+        "env",
+        "DEBIAN_FRONTEND=noninteractive",
+        "apt-get",
+        "-y",
+        "-o",
+        "Dir::Etc::sourcelist=/etc/apt/sources.list.d/local.list",
+        "-o",
+        "Dir::Etc::sourceparts=-",
+        "-o",
+        "APT::Get::List-Cleanup=0",
+    ];
+    argv.extend_from_slice(args);
+    w.exec_ok(&argv)
+        .unwrap_or_else(|e| panic!("apt-get {args:?}: {e:#}"))
+}
+
+fn show(w: &Worker, unit: &str, property: &str) -> String {
+    w.exec_ok(&["systemctl", "show", "-P", property, unit])
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !check() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `builderctl status --json` from the root namespace (the builder).
+fn builder_status(dir: &Path, ip: Ipv4Addr, token: &str) -> (bool, String) {
+    let token_file = dir.join("builder-token");
+    std::fs::write(&token_file, token).unwrap();
+    let config = dir.join("builder.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "workers = [\"{ip}:3634\"]\ntoken_file = \"{}\"\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(repo_root().join("target/release/builderctl"))
+        .args(["--config"])
+        .arg(&config)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A C project big enough that its build spans a package upgrade, built through `ip`
+/// only, with no local fallback.
+fn start_build(dir: &Path, ip: Ipv4Addr) -> Child {
+    let project = dir.join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    let mut objects = Vec::new();
+    for i in 0..300 {
+        let body: String = (0..40)
+            .map(|k| format!("  s = s * {} + (x >> {}) + {k};\n", i + k + 3, k % 13))
+            .collect();
+        std::fs::write(
+            project.join(format!("f{i}.c")),
+            format!("unsigned f{i}(unsigned x) {{\n  unsigned s = {i};\n{body}  return s;\n}}\n"),
+        )
+        .unwrap();
+        objects.push(format!("f{i}.o"));
+    }
+    std::fs::write(
+        project.join("Makefile"),
+        format!(
+            "all: {}\n%.o: %.c\n\t$(CC) -O2 -c $< -o $@\n",
+            objects.join(" ")
+        ),
+    )
+    .unwrap();
+    let distcc_dir = dir.join("distcc");
+    std::fs::create_dir_all(&distcc_dir).unwrap();
+    Command::new("make")
+        .args(["-s", "-j4", "CC=distcc gcc"])
+        .current_dir(&project)
+        .env("DISTCC_HOSTS", format!("{ip}/4"))
+        .env("DISTCC_FALLBACK", "0")
+        .env("DISTCC_DIR", &distcc_dir)
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn install_upgrade_during_a_build_remove_purge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    build_repository(&repo);
+
+    let bed = Testbed::create().unwrap();
+    let w = bed
+        .boot_worker(WorkerSpec::new("w1").bind_ro(&repo, "/srv/distcc-repo"))
+        .unwrap();
+    w.write_file(
+        "/etc/apt/sources.list.d/local.list",
+        "deb [trusted=yes] file:/srv/distcc-repo ./\n",
+        0o644,
+    )
+    .unwrap();
+    apt(&w, &["update"]);
+
+    // Install: the agent runs at once, safely idle until the operator sets an allowlist.
+    apt(&w, &["install", &format!("distcc-agent={OLD}")]);
+    assert_eq!(show(&w, "distcc-agent", "ActiveState"), "active");
+    assert_eq!(show(&w, "distcc-agent", "UnitFileState"), "enabled");
+    assert!(show(&w, "distcc-agent", "StatusText").starts_with("waiting for an allowlist"));
+    assert_eq!(
+        show(&w, "distccd", "ActiveState"),
+        "inactive",
+        "no allowlist, no distccd"
+    );
+    let mode = w
+        .exec_ok(&["stat", "-c", "%a %U %G", "/etc/distcc-agent/token"])
+        .unwrap();
+    assert_eq!(mode.trim(), "640 root distcc-agent");
+
+    // The operator sets the allowlist and reloads: distccd is bootstrapped.
+    let config = w.exec_ok(&["cat", "/etc/distcc-agent/agent.toml"]).unwrap();
+    let edited = config.replace("allow = []", &format!("allow = [\"{}\"]", bed.subnet()));
+    assert_ne!(edited, config);
+    w.write_file("/etc/distcc-agent/agent.toml", &edited, 0o644)
+        .unwrap();
+    w.exec_ok(&["systemctl", "reload", "distcc-agent"]).unwrap();
+    eventually("distccd bootstrapped", || {
+        show(&w, "distccd", "ActiveState") == "active"
+    });
+    assert_eq!(show(&w, "distccd", "UnitFileState"), "enabled");
+
+    // The builder sees the worker ready.
+    let token = w.exec_ok(&["cat", "/etc/distcc-agent/token"]).unwrap();
+    eventually("the builder sees the worker ready", || {
+        builder_status(tmp.path(), w.ip(), token.trim()).0
+    });
+    let (_, json) = builder_status(tmp.path(), w.ip(), token.trim());
+    assert!(
+        json.contains(&format!("\"agent_version\": \"{OLD}\"")),
+        "{json}"
+    );
+
+    // Upgrade while a build runs through this worker.
+    let distccd_pid = show(&w, "distccd", "MainPID");
+    let agent_pid = show(&w, "distcc-agent", "MainPID");
+    let mut build = start_build(tmp.path(), w.ip());
+    eventually("compiles arrive at the worker", || {
+        w.journal("distccd.service", 50).contains("COMPILE_OK")
+    });
+    apt(&w, &["install", "--only-upgrade", "distcc-agent"]);
+    assert!(
+        build.try_wait().unwrap().is_none(),
+        "the build was still running when the upgrade finished"
+    );
+    assert_ne!(
+        show(&w, "distcc-agent", "MainPID"),
+        agent_pid,
+        "the agent was restarted"
+    );
+    assert_eq!(
+        show(&w, "distccd", "MainPID"),
+        distccd_pid,
+        "distccd was not"
+    );
+    let status = build.wait().unwrap();
+    assert!(status.success(), "the build survived the upgrade: {status}");
+    let version = w
+        .exec_ok(&["dpkg-query", "-W", "-f=${Version}", "distcc-agent"])
+        .unwrap();
+    assert_eq!(version, NEW);
+    eventually("the agent reports the new version", || {
+        builder_status(tmp.path(), w.ip(), token.trim())
+            .1
+            .contains(&format!("\"agent_version\": \"{NEW}\""))
+    });
+    let config_after = w.exec_ok(&["cat", "/etc/distcc-agent/agent.toml"]).unwrap();
+    assert_eq!(
+        config_after, edited,
+        "the operator's edit survived the upgrade"
+    );
+
+    // Remove stops both services; purge leaves no unit, state or user behind.
+    apt(&w, &["remove", "distcc-agent"]);
+    assert_eq!(show(&w, "distcc-agent", "ActiveState"), "inactive");
+    assert_eq!(show(&w, "distccd", "ActiveState"), "inactive");
+    apt(&w, &["purge", "distcc-agent"]);
+    assert_eq!(show(&w, "distcc-agent", "LoadState"), "not-found");
+    assert_eq!(show(&w, "distccd", "LoadState"), "not-found");
+    for path in ["/var/lib/distcc-agent", "/etc/distcc-agent"] {
+        assert!(
+            w.exec(&["test", "-e", path]).unwrap().status.code() == Some(1),
+            "{path} is gone"
+        );
+    }
+    assert!(
+        !w.exec(&["getent", "passwd", "distcc-agent"])
+            .unwrap()
+            .status
+            .success(),
+        "user removed"
+    );
+    assert!(
+        !w.exec(&["pgrep", "-f", "distcc-agent|distccd --no-detach"])
+            .unwrap()
+            .status
+            .success()
+    );
+}
