@@ -50,3 +50,28 @@ fn errors_name_file_line_and_key() {
     assert!(!ok);
     assert!(stderr.starts_with("agent.toml:2: distcd:"), "{stderr}");
 }
+
+/// The shipped units stay hardened: `systemd-analyze security` rates each "OK" or better
+/// (exposure at most 2.0 of 10). docs/BENCHMARKS.md records the current scores.
+#[test]
+fn units_stay_hardened() {
+    let systemd = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    for unit in [
+        "distcc-agent.service",
+        "distccd.service",
+        "distcc-builder.service",
+    ] {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager", "--threshold=20"])
+            .arg(systemd.join(unit))
+            .output()
+            .expect("systemd-analyze (package systemd) is installed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let last = text.lines().last().unwrap_or_default().to_owned();
+        assert!(out.status.success(), "{unit}: {last}");
+        assert!(
+            last.contains("OK") || last.contains("SAFE"),
+            "{unit}: {last}"
+        );
+    }
+}

@@ -1,46 +1,51 @@
-//! `distcc-testbed demo`: a local cluster of three worker containers running the agent,
-//! driven from the root namespace (the builder) with builderctl and distcc.
+//! `distcc-testbed demo`: the project's main job. Three worker containers get distcc-agent
+//! from the project's own .deb packages through apt; the root namespace is the builder and
+//! builds the Linux kernel's tinyconfig (Debian's linux-source-6.1) through them inside
+//! `builderctl enter`. `--quick` builds a small C project instead of the kernel.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
-use distcc_testbed::{AgentInstall, TEST_TOKEN, Testbed, Worker, agent_config};
+use distcc_testbed::{AGENT_PORT, REPO_IN_WORKER, Testbed, Worker, WorkerSpec};
 
 const WORKERS: [&str; 3] = ["w1", "w2", "w3"];
-const SOURCES: usize = 24;
 const SLOTS_PER_WORKER: u32 = 2;
+const KERNEL_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
+/// The same token on every worker, as an operator would distribute it.
+const DEMO_TOKEN: &str = "demo-token-0123456789abcdef0123456789";
 
 fn step(text: &str) {
     println!("\n==> {text}");
 }
 
-pub fn run(repo: &Path) -> Result<()> {
+pub fn run(repo: &Path, quick: bool) -> Result<()> {
     let started = Instant::now();
-    let install = AgentInstall::from_workspace(repo)?;
-    let builderctl = install.binary.with_file_name("builderctl");
-    ensure!(
-        builderctl.exists(),
-        "{} is missing: build the workspace first",
-        builderctl.display()
-    );
+    let cache = distcc_testbed::cache_dir();
+
+    step("building the packages and a local apt repository (packaging/build-debs, apt-repo)");
+    let apt_repo = cache.join("demo-repo");
+    if apt_repo.exists() {
+        std::fs::remove_dir_all(&apt_repo)?;
+    }
+    distcc_testbed::build_repository(repo, None, &apt_repo)?;
+    let builderctl = repo.join("target/release/builderctl");
 
     step("root filesystem for the workers (built once, then cached)");
     let rootfs = distcc_testbed::Rootfs::ensure()?;
     println!("{}", rootfs.path().display());
 
-    step("network and three worker containers running distcc-agent");
+    step("three worker containers: apt-get install distcc-agent, set the allowlist");
     let bed = Testbed::with_rootfs(rootfs)?;
-    let config = agent_config(&bed, SLOTS_PER_WORKER);
     let workers: Vec<Worker> = std::thread::scope(|scope| {
         let handles: Vec<_> = WORKERS
             .iter()
-            .map(|name| scope.spawn(|| bed.boot_agent_worker(name, &install, &config, |spec| spec)))
+            .map(|name| scope.spawn(|| install_worker(&bed, name, &apt_repo)))
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("boot thread"))
+            .map(|h| h.join().expect("worker thread"))
             .collect::<Result<Vec<_>>>()
     })?;
     for w in &workers {
@@ -50,72 +55,111 @@ pub fn run(repo: &Path) -> Result<()> {
 
     let dir = tempfile::tempdir().context("temp dir")?;
     let builder_toml = write_builder_config(dir.path(), &workers)?;
+    let builder = |args: &[&str]| {
+        Command::new(&builderctl)
+            .arg("--config")
+            .arg(&builder_toml)
+            .args(args)
+            .status()
+    };
     step("builderctl status (gRPC to every agent, in parallel)");
-    run_builderctl(&builderctl, &builder_toml)?;
+    builder(&["status"])?;
 
-    step(&format!(
-        "building {SOURCES} C files through the cluster (DISTCC_FALLBACK=0: remote or fail)"
-    ));
-    let project = dir.path().join("project");
-    write_project(&project)?;
-    let hosts: Vec<String> = workers
-        .iter()
-        .map(|w| format!("{}/{SLOTS_PER_WORKER}", w.ip()))
-        .collect();
-    let distcc_dir = dir.path().join("distcc");
-    std::fs::create_dir_all(&distcc_dir)?;
     let build_started = Instant::now();
-    let status = Command::new("make")
-        .arg("-s")
-        .arg(format!("-j{}", SLOTS_PER_WORKER as usize * WORKERS.len()))
-        .arg("CC=distcc gcc")
-        .current_dir(&project)
-        .env("DISTCC_HOSTS", hosts.join(" "))
-        .env("DISTCC_FALLBACK", "0")
-        .env("DISTCC_DIR", &distcc_dir)
-        .status()
-        .context("running make")?;
-    ensure!(status.success(), "the build failed: {status}");
-    let output = Command::new(project.join("demo"))
-        .output()
-        .context("running the result")?;
+    let status = if quick {
+        step("builderctl enter -- make: a small C project through the cluster");
+        let project = dir.path().join("project");
+        write_project(&project)?;
+        builder(&[
+            "enter",
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "make -s -C {p} -j\"$DISTCC_SLOTS\" && {p}/demo",
+                p = project.display()
+            ),
+        ])?
+    } else {
+        let source = kernel_source(&cache)?;
+        step("builderctl enter -- make tinyconfig && make: Linux 6.1 through the cluster");
+        builder(&[
+            "enter",
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "echo \"builder mode: CC=$CC, $DISTCC_SLOTS slots, hosts: $(grep -v '^#' \"$DISTCC_DIR/hosts\" | tr '\\n' ' ')\" && \
+                 make -s -C {src} O=\"$PWD/linux\" tinyconfig && \
+                 make -C {src} O=\"$PWD/linux\" -j\"$DISTCC_SLOTS\" && ls -l \"$PWD/linux/arch/x86/boot/bzImage\"",
+                src = source.display()
+            ),
+        ])?
+    };
+    ensure!(status.success(), "the build failed ({status})");
     println!(
-        "built in {:.1} s; ./demo prints: {}",
-        build_started.elapsed().as_secs_f64(),
-        String::from_utf8_lossy(&output.stdout).trim()
+        "build finished in {:.0} s",
+        build_started.elapsed().as_secs_f64()
     );
-
     for w in &workers {
-        let log = w.journal("distccd.service", 200);
+        let log = w.journal("distccd.service", 2000);
         println!(
-            "{}: {} compiles (COMPILE_OK lines in its distccd journal)",
+            "{}: {} compiles ran here",
             w.name(),
             log.matches("COMPILE_OK").count()
         );
     }
 
     step("builderctl status after the build");
-    run_builderctl(&builderctl, &builder_toml)?;
+    builder(&["status"])?;
+    builder(&["leave"])?;
 
     step("tearing down");
     drop(workers);
     bed.shutdown()?;
-    println!("done in {:.1} s", started.elapsed().as_secs_f64());
+    println!("done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// A worker as an operator sets one up: the package from apt, the cluster's token, the
+/// builders' network in the allowlist, `systemctl reload`.
+fn install_worker(bed: &Testbed, name: &str, apt_repo: &Path) -> Result<Worker> {
+    let w = bed.boot_worker(WorkerSpec::new(name).bind_ro(apt_repo, REPO_IN_WORKER))?;
+    w.use_local_repo()?;
+    w.apt(&["install", "distcc-agent"])?;
+    w.write_file("/etc/distcc-agent/token", format!("{DEMO_TOKEN}\n"), 0o640)?;
+    w.exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/token"])?;
+    let config = w.exec_ok(&["cat", "/etc/distcc-agent/agent.toml"])?;
+    let edited = config
+        .replace("allow = []", &format!("allow = [\"{}\"]", bed.subnet()))
+        .replace("jobs = 0 ", &format!("jobs = {SLOTS_PER_WORKER} "));
+    w.write_file("/etc/distcc-agent/agent.toml", edited, 0o644)?;
+    w.exec_ok(&["systemctl", "reload", "distcc-agent"])?;
+    // Reload bootstraps distccd in the background of the reload; wait for it to serve.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while w.exec_ok(&["systemctl", "is-active", "distccd"]).is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "{name}: distccd did not start\n{}",
+            w.journal("distcc-agent", 30)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(w)
 }
 
 fn write_builder_config(dir: &Path, workers: &[Worker]) -> Result<PathBuf> {
     let token = dir.join("token");
-    std::fs::write(&token, format!("{TEST_TOKEN}\n"))?;
+    std::fs::write(&token, format!("{DEMO_TOKEN}\n"))?;
     let endpoints: Vec<String> = workers
         .iter()
-        .map(|w| format!("\"{}:{}\"", w.ip(), distcc_testbed::AGENT_PORT))
+        .map(|w| format!("\"{}:{AGENT_PORT}\"", w.ip()))
         .collect();
     let path = dir.join("builder.toml");
     std::fs::write(
         &path,
         format!(
-            "workers = [{}]\ntoken_file = \"{}\"\n",
+            "workers = [{}]\ntoken_file = \"{}\"\nworkspace = \"/tmp/kernel-build\"\ntmpfs_size = \"2G\"\n",
             endpoints.join(", "),
             token.display()
         ),
@@ -123,32 +167,41 @@ fn write_builder_config(dir: &Path, workers: &[Worker]) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn run_builderctl(builderctl: &Path, config: &Path) -> Result<()> {
-    let status = Command::new(builderctl)
-        .arg("--config")
-        .arg(config)
-        .arg("status")
-        .status()
-        .with_context(|| format!("running {}", builderctl.display()))?;
+/// Debian's linux-source-6.1, unpacked once into the cache; builds go out of tree.
+fn kernel_source(cache: &Path) -> Result<PathBuf> {
+    let source = cache.join("linux-source-6.1");
+    if source.join("Makefile").exists() {
+        return Ok(source);
+    }
+    step("unpacking linux-source-6.1 (once)");
     ensure!(
-        status.success(),
-        "builderctl status reported a problem ({status})"
+        Path::new(KERNEL_TARBALL).exists(),
+        "{KERNEL_TARBALL} is missing: apt-get install linux-source-6.1"
     );
-    Ok(())
+    let partial = cache.join("linux-source-6.1.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)?;
+    let status = Command::new("tar")
+        .args(["xf", KERNEL_TARBALL, "--strip-components=1", "-C"])
+        .arg(&partial)
+        .status()
+        .context("running tar")?;
+    ensure!(status.success(), "unpacking {KERNEL_TARBALL} failed");
+    std::fs::rename(&partial, &source)?;
+    Ok(source)
 }
 
-/// A small C program of `SOURCES` translation units and a Makefile.
+/// A small C program of many translation units and a Makefile (for `--quick`).
 fn write_project(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut objects = Vec::new();
     let mut decls = String::new();
     let mut sum = String::from("0");
-    for i in 0..SOURCES {
+    for i in 0..24 {
         std::fs::write(
             dir.join(format!("part{i}.c")),
             format!(
-                "/* enough work per file that distributing it is worth it */\n\
-                 static int table[256];\nint part{i}(void) {{ int s = 0; for (int k = 0; k < 256; k++) {{ table[k] = k * {i}; s += table[k] % 7; }} return s; }}\n"
+                "static int table[256];\nint part{i}(void) {{ int s = 0; for (int k = 0; k < 256; k++) {{ table[k] = k * {i}; s += table[k] % 7; }} return s; }}\n"
             ),
         )?;
         objects.push(format!("part{i}.o"));
@@ -164,7 +217,7 @@ fn write_project(dir: &Path) -> Result<()> {
     std::fs::write(
         dir.join("Makefile"),
         format!(
-            "demo: main.o {objs}\n\tgcc -o $@ $^\n%.o: %.c\n\t$(CC) -O2 -c $< -o $@\n",
+            "demo: main.o {objs}\n\t$(CC) -o $@ $^\n%.o: %.c\n\t$(CC) -O2 -c $< -o $@\n",
             objs = objects.join(" ")
         ),
     )?;

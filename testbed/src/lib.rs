@@ -28,6 +28,7 @@
 
 mod agent;
 mod cmd;
+mod packages;
 mod rootfs;
 mod sweep;
 mod testbed;
@@ -35,6 +36,7 @@ mod testbed;
 use anyhow::{Result, bail};
 
 pub use agent::{AGENT_PORT, AgentInstall, TEST_TOKEN, agent_config};
+pub use packages::{REPO_IN_WORKER, build_repository};
 pub use rootfs::{
     BASE_PACKAGES, CACHE_ENV, DEFAULT_CACHE_DIR, DEFAULT_MIRROR, EXTRA_PACKAGES, MIRROR_ENV,
     ROOTFS_VERSION, Rootfs, SUITE, cache_dir,

@@ -16,8 +16,10 @@ commands:
   cleanup   delete leftover testbed containers, network namespaces, veths and bridges
             of test processes that are gone (a CI pre-step)
   rootfs    build the cached worker rootfs if needed and print its path
-  demo      boot three workers running distcc-agent, show builderctl status, build a
-            small C project through them with distcc, tear down
+  demo [--quick]
+            the main job: three workers get distcc-agent from the project's packages via
+            apt, the root namespace builds Linux tinyconfig through them in
+            `builderctl enter` (--quick: a small C project), then everything is torn down
 
 environment:
   DISTCC_TESTBED_CACHE   rootfs cache directory (default /var/cache/distcc-testbed)
@@ -50,7 +52,8 @@ fn main() -> ExitCode {
             );
         }),
         ["rootfs"] => distcc_testbed::Rootfs::ensure().map(|r| println!("{}", r.path().display())),
-        ["demo"] => demo::run(&repo_root()),
+        ["demo"] => demo::run(&repo_root(), false),
+        ["demo", "--quick"] => demo::run(&repo_root(), true),
         ["help" | "-h" | "--help"] => {
             println!("{USAGE}");
             Ok(())

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use distcc_testbed::{Testbed, Worker, WorkerSpec};
+use distcc_testbed::{REPO_IN_WORKER, Testbed, Worker, WorkerSpec};
 
 const OLD: &str = "0.1.0+rollout1";
 const NEW: &str = "0.1.0+rollout2";
@@ -21,52 +21,32 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Both versions of the packages in one local apt repository.
 fn build_repository(dir: &Path) {
     for version in [OLD, NEW] {
-        let debian = repo_root().join("target/debian");
-        let _ = std::fs::remove_dir_all(&debian);
-        run(Command::new(repo_root().join("packaging/build-debs")).arg(version));
-        for entry in std::fs::read_dir(&debian).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "deb") {
-                std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-            }
+        distcc_testbed::build_repository(&repo_root(), Some(version), dir).unwrap();
+    }
+    // Debian's own checker: no errors and no warnings on either package.
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let deb = entry.unwrap().path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            let out = Command::new("lintian")
+                .args(["--tag-display-limit", "0", "--fail-on", "error,warning"])
+                .arg(&deb)
+                .output()
+                .expect("lintian (testbed/setup-host installs it)");
+            assert!(
+                out.status.success(),
+                "lintian {}:\n{}",
+                deb.display(),
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
     }
-    run(Command::new(repo_root().join("packaging/apt-repo")).arg(dir));
 }
 
-/// apt inside the worker, with only the local repository as a source (the workers have
-/// no route anywhere else).
 fn apt(w: &Worker, args: &[&str]) -> String {
-    let mut argv = vec![
-        "env",
-        "DEBIAN_FRONTEND=noninteractive",
-        "apt-get",
-        "-y",
-        "-o",
-        "Dir::Etc::sourcelist=/etc/apt/sources.list.d/local.list",
-        "-o",
-        "Dir::Etc::sourceparts=-",
-        "-o",
-        "APT::Get::List-Cleanup=0",
-    ];
-    argv.extend_from_slice(args);
-    w.exec_ok(&argv)
-        .unwrap_or_else(|e| panic!("apt-get {args:?}: {e:#}"))
+    w.apt(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn show(w: &Worker, unit: &str, property: &str) -> String {
@@ -155,15 +135,9 @@ fn install_upgrade_during_a_build_remove_purge() {
 
     let bed = Testbed::create().unwrap();
     let w = bed
-        .boot_worker(WorkerSpec::new("w1").bind_ro(&repo, "/srv/distcc-repo"))
+        .boot_worker(WorkerSpec::new("w1").bind_ro(&repo, REPO_IN_WORKER))
         .unwrap();
-    w.write_file(
-        "/etc/apt/sources.list.d/local.list",
-        "deb [trusted=yes] file:/srv/distcc-repo ./\n",
-        0o644,
-    )
-    .unwrap();
-    apt(&w, &["update"]);
+    w.use_local_repo().unwrap();
 
     // Install: the agent runs at once, safely idle until the operator sets an allowlist.
     apt(&w, &["install", &format!("distcc-agent={OLD}")]);
@@ -241,6 +215,33 @@ fn install_upgrade_during_a_build_remove_purge() {
         config_after, edited,
         "the operator's edit survived the upgrade"
     );
+
+    // The builder package: its unit verifies, its completions and man page are in place.
+    apt(&w, &["install", "distcc-builder"]);
+    w.exec_ok(&[
+        "systemd-analyze",
+        "verify",
+        "--man=no",
+        "/usr/lib/systemd/system/distcc-builder.service",
+    ])
+    .unwrap();
+    assert_eq!(
+        show(&w, "distcc-builder", "UnitFileState"),
+        "disabled",
+        "off until configured"
+    );
+    for file in [
+        "/usr/share/bash-completion/completions/builderctl",
+        "/usr/share/zsh/vendor-completions/_builderctl",
+        "/usr/share/man/man1/builderctl.1.gz",
+        "/etc/distcc-builder/builder.toml",
+    ] {
+        assert!(
+            w.exec(&["test", "-s", file]).unwrap().status.success(),
+            "{file}"
+        );
+    }
+    apt(&w, &["purge", "distcc-builder"]);
 
     // Remove stops both services; purge leaves no unit, state or user behind.
     apt(&w, &["remove", "distcc-agent"]);
