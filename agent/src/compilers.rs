@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use distcc_proto::compiler_fingerprint as fingerprint;
 
 /// Where compilers are looked up, in order, as distccd's PATH would find them (the
 /// masquerade dir itself excluded).
@@ -180,26 +180,6 @@ async fn describe_binary(path: &Path) -> CompilerInfo {
     }
     info.error = errors.join("; ");
     info
-}
-
-/// sha256 of a file, hex.
-pub fn fingerprint(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 /// Run `program arg` and return the first line of its output.

@@ -13,3 +13,26 @@ pub const DEFAULT_AGENT_PORT: u16 = 3634;
 
 /// Fully qualified service name, as reported by the `grpc.health.v1` service.
 pub const SERVICE_NAME: &str = "distcc.agent.v1.DistccAgent";
+
+/// `Compiler.fingerprint`: the sha256 of a compiler binary, lowercase hex. Part of the
+/// contract: the agent reports it for each worker compiler and the builder computes it for
+/// its own to decide whether a worker's compiler matches.
+pub fn compiler_fingerprint(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
