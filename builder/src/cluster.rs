@@ -10,8 +10,9 @@ use distcc_proto::v1::distcc_agent_client::DistccAgentClient;
 use serde::Serialize;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::config::AgentAccess;
 use crate::host_list::{
     HostList, LocalCompiler, Policy, WorkerInput, WorkerVerdict, endpoint_host,
 };
@@ -144,18 +145,41 @@ pub type Client = DistccAgentClient<InterceptedService<Channel, AddToken>>;
 pub type AddToken =
     Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
 
-/// Connect to an agent within `deadline`.
-pub async fn connect(endpoint: &str, token: &str, deadline: Duration) -> Result<Client, String> {
-    let bearer: MetadataValue<_> = format!("Bearer {token}")
+/// Connect to an agent within `deadline`: over TLS when `[tls]` is configured (then every
+/// RPC, stream or not, goes through it), plain HTTP/2 otherwise.
+pub async fn connect(
+    endpoint: &str,
+    access: &AgentAccess,
+    deadline: Duration,
+) -> Result<Client, String> {
+    let bearer: MetadataValue<_> = format!("Bearer {}", access.token)
         .parse()
         .map_err(|_| "token is not valid ASCII".to_owned())?;
-    let channel = Endpoint::from_shared(format!("http://{endpoint}"))
+    let scheme = if access.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut channel = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(deadline)
         // A cut link must not leave a stream waiting forever for bytes.
         .http2_keep_alive_interval(Duration::from_secs(2))
         .keep_alive_timeout(deadline)
-        .keep_alive_while_idle(true)
+        .keep_alive_while_idle(true);
+    if let Some(tls) = &access.tls {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &tls.domain {
+            config = config.domain_name(domain.clone());
+        }
+        channel = channel
+            .tls_config(config)
+            .map_err(|e| format!("tls: {}", error_chain(&e)))?;
+    }
+    let channel = channel
         .connect()
         .await
         .map_err(|e| format!("connect: {}", error_chain(&e)))?;
@@ -191,7 +215,7 @@ pub fn status_text(status: &tonic::Status) -> String {
 /// Run `call` against one agent, connection included, within `deadline`.
 pub async fn call_within<T, F, Fut>(
     endpoint: &str,
-    token: &str,
+    access: &AgentAccess,
     deadline: Duration,
     call: F,
 ) -> Result<T, String>
@@ -200,7 +224,7 @@ where
     Fut: std::future::Future<Output = Result<T, String>>,
 {
     let work = async {
-        let client = connect(endpoint, token, deadline).await?;
+        let client = connect(endpoint, access, deadline).await?;
         call(client).await
     };
     tokio::time::timeout(deadline, work)
@@ -212,10 +236,10 @@ where
 /// described (the agent caches them per binary), since the host list compares them.
 pub async fn fetch_status(
     endpoint: &str,
-    token: &str,
+    access: &AgentAccess,
     deadline: Duration,
 ) -> Result<pb::WorkerStatus, String> {
-    call_within(endpoint, token, deadline, |mut client| async move {
+    call_within(endpoint, access, deadline, |mut client| async move {
         client
             .status(pb::StatusRequest {
                 skip_compilers: false,
@@ -243,9 +267,9 @@ pub async fn source_address(endpoint: &str, port: u16) -> Option<IpAddr> {
 }
 
 /// Probe one worker: status and route, within `deadline`.
-pub async fn probe(endpoint: &str, token: &str, deadline: Duration) -> Probe {
+pub async fn probe(endpoint: &str, access: &AgentAccess, deadline: Duration) -> Probe {
     let started = Instant::now();
-    let status = fetch_status(endpoint, token, deadline).await;
+    let status = fetch_status(endpoint, access, deadline).await;
     let latency = started.elapsed();
     let port = status
         .as_ref()
@@ -263,8 +287,8 @@ pub async fn probe(endpoint: &str, token: &str, deadline: Duration) -> Probe {
 }
 
 /// Probe every worker, in parallel, in configuration order.
-pub async fn probe_all(workers: &[String], token: &str, deadline: Duration) -> Vec<Probe> {
-    futures_util::future::join_all(workers.iter().map(|e| probe(e, token, deadline))).await
+pub async fn probe_all(workers: &[String], access: &AgentAccess, deadline: Duration) -> Vec<Probe> {
+    futures_util::future::join_all(workers.iter().map(|e| probe(e, access, deadline))).await
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/distcc-builder/builder.toml";
 pub struct BuilderConfig {
     /// Agent endpoints, `host:port`, as configured.
     pub workers: Vec<String>,
-    pub token: String,
+    /// How every RPC reaches the agents: token, and TLS when configured.
+    pub access: AgentAccess,
     pub workspace: PathBuf,
     pub tmpfs_size: String,
     /// Per-worker bound on one RPC: a dead worker costs at most this.
@@ -30,6 +31,49 @@ pub struct BuilderConfig {
     pub masquerade_dir: Option<PathBuf>,
     /// Include workers whose compilers differ (`--allow-mismatch` sets it too).
     pub allow_mismatch: bool,
+}
+
+/// What every RPC to an agent needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAccess {
+    /// Sent as `authorization: Bearer TOKEN`.
+    pub token: String,
+    /// `None`: plain HTTP/2 (the agents' default).
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[tls]`: the PEM files are read when the configuration is loaded, so a missing file is
+/// a configuration error naming its key, not a failure of every RPC later.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// `ca`: the CA that signed the agents' certificates.
+    pub ca_pem: Vec<u8>,
+    /// `cert` and `key`: this builder's client certificate, for agents that require one
+    /// (mTLS, the agent's `[tls] client_ca`).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// `domain`: the name the agents' certificates carry, when it is not the host of the
+    /// endpoint (e.g. endpoints by address, certificates by name).
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    // The key stays out of logs and panics.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field("client_certificate", &self.identity.is_some())
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: Spanned<PathBuf>,
+    cert: Option<Spanned<PathBuf>>,
+    key: Option<Spanned<PathBuf>>,
+    domain: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Error)]
@@ -61,6 +105,7 @@ struct RawConfig {
     local_slots: Option<Spanned<u32>>,
     masquerade_dir: Option<PathBuf>,
     allow_mismatch: Option<bool>,
+    tls: Option<Spanned<RawTls>>,
 }
 
 impl BuilderConfig {
@@ -108,6 +153,53 @@ impl BuilderConfig {
             })?
             .trim()
             .to_owned();
+        let tls = match &raw.tls {
+            None => None,
+            Some(tls) => {
+                let read = |file: &Spanned<PathBuf>, key: &str| {
+                    std::fs::read(file.get_ref()).map_err(|e| {
+                        invalid(
+                            file.span().start,
+                            key,
+                            format!("cannot read {}: {e}", file.get_ref().display()),
+                        )
+                    })
+                };
+                let tls_ref = tls.get_ref();
+                let identity = match (&tls_ref.cert, &tls_ref.key) {
+                    (None, None) => None,
+                    (Some(cert), Some(key)) => {
+                        Some((read(cert, "tls.cert")?, read(key, "tls.key")?))
+                    }
+                    (Some(_), None) | (None, Some(_)) => {
+                        return Err(invalid(
+                            tls.span().start,
+                            "tls",
+                            "`cert` and `key` go together (a client certificate needs both)"
+                                .to_owned(),
+                        ));
+                    }
+                };
+                if let Some(domain) = tls_ref.domain.as_ref().filter(|d| {
+                    d.get_ref().is_empty()
+                        || !d
+                            .get_ref()
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c))
+                }) {
+                    return Err(invalid(
+                        domain.span().start,
+                        "tls.domain",
+                        format!("{:?} is not a DNS name", domain.get_ref()),
+                    ));
+                }
+                Some(TlsSettings {
+                    ca_pem: read(&tls_ref.ca, "tls.ca")?,
+                    identity,
+                    domain: tls_ref.domain.as_ref().map(|d| d.get_ref().clone()),
+                })
+            }
+        };
         let deadline = match &raw.deadline_ms {
             None => Duration::from_millis(1000),
             Some(v) if (50..=60_000).contains(v.get_ref()) => Duration::from_millis(*v.get_ref()),
@@ -184,7 +276,7 @@ impl BuilderConfig {
             masquerade_dir: raw.masquerade_dir,
             allow_mismatch: raw.allow_mismatch.unwrap_or(false),
             workers: raw.workers.into_iter().map(Spanned::into_inner).collect(),
-            token,
+            access: AgentAccess { token, tls },
             workspace: raw
                 .workspace
                 .unwrap_or_else(|| PathBuf::from("/tmp/kernel-build")),
@@ -228,7 +320,8 @@ mod tests {
     fn documented_keys_parse() {
         let c = load("workers = [\"198.18.0.11:3634\", \"198.18.0.12:3634\"]\nworkspace = \"/tmp/kernel-build\"\ntmpfs_size = \"2G\"\n").unwrap();
         assert_eq!(c.workers, ["198.18.0.11:3634", "198.18.0.12:3634"]);
-        assert_eq!(c.token, "0123456789abcdef");
+        assert_eq!(c.access.token, "0123456789abcdef");
+        assert_eq!(c.access.tls, None);
         assert_eq!(c.deadline, Duration::from_secs(1));
         assert_eq!(c.compilers, ["gcc", "g++"]);
         assert_eq!(c.local_slots, 2);
@@ -249,6 +342,67 @@ mod tests {
             match load(body).unwrap_err() {
                 ConfigError::Invalid { line, key: k, .. } => {
                     assert_eq!((line, k.as_str()), (3, key))
+                }
+                e => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tls_keys_load_the_pem_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [("ca.pem", "CA"), ("cert.pem", "CERT"), ("key.pem", "KEY")] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        let c = load(&format!(
+            "workers = []\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ndomain = \"w1.example\"\n",
+            path("ca.pem"),
+            path("cert.pem"),
+            path("key.pem")
+        ))
+        .unwrap();
+        let tls = c.access.tls.unwrap();
+        assert_eq!(tls.ca_pem, b"CA");
+        assert_eq!(tls.identity, Some((b"CERT".to_vec(), b"KEY".to_vec())));
+        assert_eq!(tls.domain.as_deref(), Some("w1.example"));
+        assert!(
+            !format!("{tls:?}").contains("KEY"),
+            "the key stays out of Debug"
+        );
+        let c = load(&format!(
+            "workers = []\n[tls]\nca = \"{}\"\n",
+            path("ca.pem")
+        ))
+        .unwrap();
+        assert_eq!(c.access.tls.unwrap().identity, None);
+        for (body, key) in [
+            (
+                format!("workers = []\n[tls]\nca = \"{}\"\n", path("missing.pem")),
+                "tls.ca",
+            ),
+            (
+                format!(
+                    "workers = []\n[tls]\nca = \"{}\"\ncert = \"{}\"\n",
+                    path("ca.pem"),
+                    path("cert.pem")
+                ),
+                "tls",
+            ),
+            (
+                format!(
+                    "workers = []\n[tls]\nca = \"{}\"\ndomain = \"a b\"\n",
+                    path("ca.pem")
+                ),
+                "tls.domain",
+            ),
+            ("workers = []\n[tls]\ncert = \"x\"\n".to_owned(), ""),
+        ] {
+            match load(&body).unwrap_err() {
+                ConfigError::Invalid {
+                    key: k, message, ..
+                } => {
+                    assert_eq!(k, key, "{message}");
                 }
                 e => panic!("{e}"),
             }

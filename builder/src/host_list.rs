@@ -159,6 +159,35 @@ impl HostList {
         text.push('\n');
         text
     }
+
+    /// For people: like `distcc --show-hosts`, with the reason for each worker left out.
+    pub fn explain(&self) -> String {
+        let mut text = String::new();
+        for w in &self.workers {
+            match (&w.entry, &w.excluded_reason) {
+                (Some(entry), _) => {
+                    text.push_str(&format!("{:<28} # {}\n", entry.render(), w.endpoint));
+                    for warning in &w.warnings {
+                        text.push_str(&format!("{:<28} #   warning: {warning}\n", ""));
+                    }
+                }
+                (None, reason) => text.push_str(&format!(
+                    "{:<28} # {} excluded: {}\n",
+                    "-",
+                    w.endpoint,
+                    reason.as_deref().unwrap_or("unknown")
+                )),
+            }
+        }
+        if self.local_slots > 0 {
+            text.push_str(&format!(
+                "{:<28} # this builder\n",
+                format!("localhost/{}", self.local_slots)
+            ));
+        }
+        text.push_str(&format!("# {} slots in total\n", self.total_slots()));
+        text
+    }
 }
 
 fn one_line(text: &str) -> String {
@@ -217,6 +246,25 @@ fn decide(
     if slots == 0 {
         return Err("no slots: distccd reports no capacity".to_owned());
     }
+    let running = status
+        .stats
+        .as_ref()
+        .filter(|s| s.available)
+        .map_or(0, |s| s.jobs_running);
+    let slots = match overload_share(slots, running) {
+        share if share == slots => slots,
+        0 => {
+            return Err(format!(
+                "overloaded: distccd has {running} compiles in flight for {slots} slots"
+            ));
+        }
+        share => {
+            warnings.push(format!(
+                "overloaded: {running} compiles in flight for {slots} slots; using {share}"
+            ));
+            share
+        }
+    };
     let lzo = !is_loopback_host(&host);
     Ok((
         HostEntry {
@@ -230,6 +278,22 @@ fn decide(
         },
         warnings,
     ))
+}
+
+/// The slots to use on a worker whose distccd has `running` compiles in flight (open
+/// client connections) for `slots` slots. More connections than slots means other clients
+/// (other builders, builds outside this session) share it and compiles queue there: this
+/// builder then takes its proportional share, `slots * slots / running`, which settles
+/// where everyone's compiles fit, and recovers on its own as the queue drains. A builder's
+/// own compiles never exceed `slots` (distcc's client honours the hosts-file limit), so a
+/// worker used by this builder alone is never lowered. Load averages are not used: they
+/// lag by a minute, count this builder's own compiles, and containers share the kernel's.
+pub fn overload_share(slots: u32, running: u32) -> u32 {
+    if running <= slots {
+        slots
+    } else {
+        u32::try_from(u64::from(slots) * u64::from(slots) / u64::from(running)).unwrap_or(0)
+    }
 }
 
 fn or_unknown(s: &str) -> &str {
@@ -548,6 +612,67 @@ mod tests {
             &policy(),
         );
         assert!(reason(&list, "198.18.3.11:3634").contains("listens on 127.0.0.1 only"));
+    }
+
+    #[test]
+    fn overloaded_workers_get_their_share_then_recover() {
+        assert_eq!(overload_share(3, 0), 3);
+        assert_eq!(
+            overload_share(3, 3),
+            3,
+            "this builder alone fills it: no change"
+        );
+        assert_eq!(overload_share(4, 8), 2, "twice the slots in flight: half");
+        assert_eq!(overload_share(3, 10), 0);
+        let busy = |running: u32| {
+            let mut status = healthy(4);
+            status.stats = Some(pb::DistccdStats {
+                available: true,
+                max_kids: 4,
+                jobs_running: running,
+                ..Default::default()
+            });
+            status
+        };
+        let (crowded, swamped, calm) = (busy(8), busy(17), busy(4));
+        let list = HostList::compute(
+            &[
+                input("198.18.3.11:3634", &crowded),
+                input("198.18.3.12:3634", &swamped),
+                input("198.18.3.13:3634", &calm),
+            ],
+            &local(),
+            &policy(),
+        );
+        let crowded = list.verdict("198.18.3.11:3634").unwrap();
+        assert_eq!(crowded.entry.as_ref().unwrap().slots, 2);
+        assert!(crowded.warnings[0].contains("8 compiles in flight for 4 slots; using 2"));
+        assert_eq!(
+            reason(&list, "198.18.3.12:3634"),
+            "overloaded: distccd has 17 compiles in flight for 4 slots"
+        );
+        assert_eq!(
+            list.verdict("198.18.3.13:3634")
+                .unwrap()
+                .entry
+                .as_ref()
+                .unwrap()
+                .slots,
+            4
+        );
+        // Stats unavailable: nothing to judge by, the slots stand.
+        let mut blind = busy(17);
+        blind.stats.as_mut().unwrap().available = false;
+        let list = HostList::compute(&[input("w:3634", &blind)], &local(), &policy());
+        assert_eq!(
+            list.verdict("w:3634")
+                .unwrap()
+                .entry
+                .as_ref()
+                .unwrap()
+                .slots,
+            4
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod failover;
 pub mod host_list;
 pub mod local;
 pub mod ops;

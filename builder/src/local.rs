@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
+use distcc_proto::compiler_fingerprint as fingerprint;
 use thiserror::Error;
 
 use crate::host_list::LocalCompiler;
@@ -60,26 +60,6 @@ pub fn describe(name: &str) -> Result<LocalCompiler, LocalError> {
             source,
         })?,
     })
-}
-
-/// sha256 of a file, hex (the agent's `Compiler.fingerprint`).
-pub fn fingerprint(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buffer)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 fn first_line_of(program: &Path, arg: &str) -> Result<String, LocalError> {

@@ -9,6 +9,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::cluster::{Probe, call_within, fetch_status, status_text};
+use crate::config::AgentAccess;
 use crate::host_list::{HostList, LocalCompiler, admits, compiler_mismatches, endpoint_host};
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -166,7 +167,7 @@ pub async fn tcp_open(host: &str, port: u16, deadline: Duration) -> Result<(), S
 /// The agent's checks plus the builder's, for one worker.
 pub async fn validate_one(
     probe: &Probe,
-    token: &str,
+    access: &AgentAccess,
     local: &[LocalCompiler],
     deadline: Duration,
     operation_deadline: Duration,
@@ -175,7 +176,7 @@ pub async fn validate_one(
     if let Ok(status) = &probe.status {
         let agent = call_within(
             &probe.endpoint,
-            token,
+            access,
             operation_deadline,
             |mut client| async move {
                 client
@@ -233,7 +234,7 @@ pub struct SmokeResult {
 /// from the worker's statistics that it ran there.
 pub async fn smoketest_one(
     endpoint: &str,
-    token: &str,
+    access: &AgentAccess,
     deadline: Duration,
     operation_deadline: Duration,
 ) -> SmokeResult {
@@ -245,7 +246,7 @@ pub async fn smoketest_one(
         compile_ok_before: before,
         compile_ok_after: after,
     };
-    let before = match fetch_status(endpoint, token, deadline).await {
+    let before = match fetch_status(endpoint, access, deadline).await {
         Ok(status) => status,
         Err(e) => return result(false, format!("agent unreachable: {e}"), None, None),
     };
@@ -279,7 +280,7 @@ pub async fn smoketest_one(
     // client got its result: poll briefly.
     let mut ok_after = None;
     while started.elapsed() < operation_deadline {
-        ok_after = fetch_status(endpoint, token, deadline)
+        ok_after = fetch_status(endpoint, access, deadline)
             .await
             .ok()
             .as_ref()
@@ -369,11 +370,11 @@ pub enum Operation {
 
 pub async fn control_one(
     endpoint: &str,
-    token: &str,
+    access: &AgentAccess,
     operation: Operation,
     deadline: Duration,
 ) -> ControlResult {
-    let response = call_within(endpoint, token, deadline, |mut client| async move {
+    let response = call_within(endpoint, access, deadline, |mut client| async move {
         let reply = match operation {
             Operation::Reset => {
                 client
@@ -419,7 +420,7 @@ pub async fn control_one(
 /// failure (the rest are reported as skipped).
 pub async fn control_all(
     workers: &[String],
-    token: &str,
+    access: &AgentAccess,
     operation: Operation,
     deadline: Duration,
     rolling: bool,
@@ -428,7 +429,7 @@ pub async fn control_all(
         return futures_util::future::join_all(
             workers
                 .iter()
-                .map(|w| control_one(w, token, operation, deadline)),
+                .map(|w| control_one(w, access, operation, deadline)),
         )
         .await;
     }
@@ -445,7 +446,7 @@ pub async fn control_all(
             });
             continue;
         }
-        let result = control_one(worker, token, operation, deadline).await;
+        let result = control_one(worker, access, operation, deadline).await;
         failed = !result.passed;
         results.push(result);
     }

@@ -3,6 +3,7 @@
 //! worker that went away and uses it again when it comes back (distcc re-reads the file
 //! on every compile).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,19 +12,25 @@ use distcc_proto::v1 as pb;
 use tokio::sync::mpsc;
 
 use crate::cluster::{Client, Probe, connect, host_list, source_address, status_text};
-use crate::host_list::{HostList, LocalCompiler, Policy, write_atomically};
+use crate::config::AgentAccess;
+use crate::failover::{PortCheck, check_port, cut_connections};
+use crate::host_list::{HostEntry, HostList, LocalCompiler, Policy, write_atomically};
 
 /// How the session follows the workers.
 #[derive(Debug, Clone)]
 pub struct SteeringConfig {
-    pub token: String,
-    /// Bound on connecting and on one RPC.
+    pub access: AgentAccess,
+    /// Bound on connecting and on one RPC; also how long distccd's port may take to
+    /// answer before a worker whose stream broke counts as lost.
     pub deadline: Duration,
     /// The agents send a status at least this often.
     pub interval: Duration,
     pub local: Vec<LocalCompiler>,
     pub policy: Policy,
     pub hosts_file: PathBuf,
+    /// Abort this builder's connections to a worker confirmed lost (see
+    /// [`crate::failover`]), so compiles in flight there fall back to local ones at once.
+    pub cut_lost_connections: bool,
 }
 
 impl SteeringConfig {
@@ -34,16 +41,69 @@ impl SteeringConfig {
     }
 }
 
+/// What steering did, for the session's log or the daemon's journal.
+#[derive(Debug)]
+pub enum SteeringEvent<'a> {
+    /// The hosts file was rewritten.
+    HostsChanged {
+        before: &'a HostList,
+        after: &'a HostList,
+    },
+    /// A worker was confirmed lost and its connections aborted (or that failed).
+    ConnectionsCut {
+        endpoint: &'a str,
+        distccd: SocketAddr,
+        /// Why the agent's stream counts as broken.
+        stream: &'a str,
+        /// What the distcc port said.
+        port: &'a str,
+        /// How many connections `ss` aborted, or why it could not.
+        result: &'a Result<usize, String>,
+    },
+}
+
+impl SteeringEvent<'_> {
+    /// One line per fact, for logs.
+    pub fn describe(&self) -> Vec<String> {
+        match self {
+            SteeringEvent::HostsChanged { before, after } => describe_change(before, after),
+            SteeringEvent::ConnectionsCut {
+                endpoint,
+                distccd,
+                stream,
+                port,
+                result,
+            } => vec![match result {
+                Ok(n) => format!(
+                    "{endpoint}: lost ({stream}; distcc port {distccd}: {port}): aborted {n} connections to it"
+                ),
+                Err(e) => format!(
+                    "{endpoint}: lost ({stream}; distcc port {distccd}: {port}): could not abort its connections: {e}"
+                ),
+            }],
+        }
+    }
+}
+
+/// The outcome of one confirm-and-cut attempt on a worker.
+struct Cut {
+    index: usize,
+    distccd: SocketAddr,
+    stream: String,
+    port: PortCheck,
+    result: Option<Result<usize, String>>,
+}
+
 /// Follow the workers forever (until dropped; it never returns, even with no worker),
-/// starting from `probes`, calling `changed(before, after)` after each rewrite of the
-/// hosts file.
+/// starting from `probes`, reporting each rewrite of the hosts file and each cut.
 pub async fn steer(
     config: SteeringConfig,
     mut probes: Vec<Probe>,
-    mut changed: impl FnMut(&HostList, &HostList),
+    mut report: impl FnMut(SteeringEvent<'_>),
 ) {
     let config = Arc::new(config);
     let (updates, mut received) = mpsc::channel::<(usize, Probe)>(64);
+    let (cut_done, mut cuts) = mpsc::channel::<Cut>(16);
     let followers: Vec<_> = probes
         .iter()
         .enumerate()
@@ -61,13 +121,67 @@ pub async fn steer(
     drop(updates);
     let mut current = host_list(&probes, &config.local, &config.policy);
     let mut written = current.render();
-    while let Some((index, probe)) = received.recv().await {
-        probes[index] = probe;
+    // Where each worker's distccd was last seen serving: what to cut if it is lost.
+    let mut last_entries: Vec<Option<HostEntry>> =
+        current.workers.iter().map(|w| w.entry.clone()).collect();
+    let mut cutting = vec![false; probes.len()];
+    // One log line per loss, plus one per cut that found connections.
+    let mut loss_reported = vec![false; probes.len()];
+    loop {
+        let (index, probe) = tokio::select! {
+            update = received.recv() => match update {
+                Some(update) => update,
+                None => break,
+            },
+            Some(cut) = cuts.recv() => {
+                cutting[cut.index] = false;
+                if let Some(result) = cut.result {
+                    let found = matches!(result, Ok(n) if n > 0);
+                    if found || !loss_reported[cut.index] {
+                        loss_reported[cut.index] = true;
+                        report(SteeringEvent::ConnectionsCut {
+                            endpoint: &probes[cut.index].endpoint,
+                            distccd: cut.distccd,
+                            stream: &cut.stream,
+                            port: &port_text(&cut.port),
+                            result: &result,
+                        });
+                    }
+                }
+                continue;
+            }
+        };
+        let mut batch = vec![(index, probe)];
         // Drain what else is queued: one rewrite for a burst of updates.
-        while let Ok((index, probe)) = received.try_recv() {
+        while let Ok(update) = received.try_recv() {
+            batch.push(update);
+        }
+        for (index, probe) in batch {
+            if let Err(why) = &probe.status {
+                if config.cut_lost_connections
+                    && !cutting[index]
+                    && let Some(entry) = &last_entries[index]
+                {
+                    cutting[index] = true;
+                    tokio::spawn(confirm_and_cut(
+                        index,
+                        entry.clone(),
+                        why.clone(),
+                        config.deadline,
+                        cut_done.clone(),
+                    ));
+                }
+            } else {
+                loss_reported[index] = false;
+            }
             probes[index] = probe;
         }
         let next = host_list(&probes, &config.local, &config.policy);
+        for (last, verdict) in last_entries.iter_mut().zip(&next.workers) {
+            if verdict.entry.is_some() {
+                last.clone_from(&verdict.entry);
+            }
+        }
         let text = next.render();
         if text != written {
             if let Err(e) = write_atomically(&config.hosts_file, &text) {
@@ -78,7 +192,10 @@ pub async fn steer(
                 );
                 continue;
             }
-            changed(&current, &next);
+            report(SteeringEvent::HostsChanged {
+                before: &current,
+                after: &next,
+            });
             written = text;
             current = next;
         }
@@ -86,6 +203,57 @@ pub async fn steer(
     // No worker configured: nothing to follow, but the caller's select! must not see an
     // end (a finished future must not be polled again).
     std::future::pending::<()>().await;
+}
+
+fn port_text(check: &PortCheck) -> String {
+    match check {
+        PortCheck::Answers => "answers".to_owned(),
+        PortCheck::Refused(why) => format!("refused: {why}"),
+        PortCheck::Silent(why) => format!("silent: {why}"),
+    }
+}
+
+/// A worker's agent stream broke: if its distcc port is silent too, abort the builder's
+/// connections to it. Runs again on every failed reconnect while the worker stays lost,
+/// which also catches compiles that started connecting before the hosts file changed.
+async fn confirm_and_cut(
+    index: usize,
+    entry: HostEntry,
+    stream: String,
+    bound: Duration,
+    done: mpsc::Sender<Cut>,
+) {
+    let Some(distccd) = tokio::net::lookup_host((entry.host.as_str(), entry.port))
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+    else {
+        let _ = done
+            .send(Cut {
+                index,
+                distccd: SocketAddr::from(([0, 0, 0, 0], entry.port)),
+                stream,
+                port: PortCheck::Silent("name does not resolve".to_owned()),
+                result: None,
+            })
+            .await;
+        return;
+    };
+    let port = check_port(distccd, bound).await;
+    let result = if port.confirms_loss() {
+        Some(cut_connections(distccd).await.map_err(|e| e.to_string()))
+    } else {
+        None
+    };
+    let _ = done
+        .send(Cut {
+            index,
+            distccd,
+            stream,
+            port,
+            result,
+        })
+        .await;
 }
 
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
@@ -110,7 +278,7 @@ async fn follow(
         let started = Instant::now();
         let failure = match tokio::time::timeout(
             config.deadline,
-            connect(&endpoint, &config.token, config.deadline),
+            connect(&endpoint, &config.access, config.deadline),
         )
         .await
         {

@@ -8,107 +8,14 @@
 // A failed step should fail the test loudly, with the value that was not there.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use distcc_testbed::{AgentInstall, Rootfs, TEST_TOKEN, Testbed, Worker, agent_config};
+use common::{Builder, DEADLINE, boot_cluster, by_endpoint, eventually, json, text};
+use distcc_testbed::{Rootfs, Testbed};
 use serde_json::Value;
-
-const BUILDERCTL: &str = env!("CARGO_BIN_EXE_builderctl");
-/// The per-worker RPC deadline the tests configure.
-const DEADLINE: Duration = Duration::from_millis(1000);
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A builder configuration in a temporary directory, and the tmpfs workspace it names
-/// (unmounted on drop, even when the test panics).
-struct Builder {
-    dir: tempfile::TempDir,
-    workspace: PathBuf,
-}
-
-impl Builder {
-    fn new(workers: &[String], workspace: Option<&Path>) -> Builder {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token"), format!("{TEST_TOKEN}\n")).unwrap();
-        let workspace = workspace.map_or_else(|| dir.path().join("ws"), Path::to_owned);
-        let workers: Vec<String> = workers.iter().map(|w| format!("{w:?}")).collect();
-        std::fs::write(
-            dir.path().join("builder.toml"),
-            format!(
-                "workers = [{}]\ntoken_file = \"{}\"\nworkspace = \"{}\"\ntmpfs_size = \"64M\"\n\
-                 deadline_ms = {}\noperation_deadline_ms = 30000\n",
-                workers.join(", "),
-                dir.path().join("token").display(),
-                workspace.display(),
-                DEADLINE.as_millis(),
-            ),
-        )
-        .unwrap();
-        Builder { dir, workspace }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(BUILDERCTL);
-        command
-            .arg("--config")
-            .arg(self.dir.path().join("builder.toml"))
-            .args(args)
-            .env_remove("BUILDERCTL_SESSION")
-            .env_remove("DISTCC_HOSTS")
-            .env_remove("DISTCC_DIR");
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run builderctl")
-    }
-}
-
-impl Drop for Builder {
-    fn drop(&mut self) {
-        // Lazy: a panicking test may still have a shell in there.
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.workspace)
-            .output();
-    }
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn json(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(output)))
-}
-
-fn by_endpoint<'a>(doc: &'a Value, endpoint: &str) -> &'a Value {
-    doc["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["endpoint"] == endpoint)
-        .unwrap_or_else(|| panic!("{endpoint} missing in {doc}"))
-}
-
-/// Bounded polling: the bound only keeps a broken build from hanging CI.
-fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "never happened: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    started.elapsed()
-}
 
 /// compile_ok of every worker, from `status --json`.
 fn compiles(builder: &Builder, endpoints: &[String]) -> Vec<u64> {
@@ -151,24 +58,6 @@ fn write_project(dir: &Path) {
         ),
     )
     .unwrap();
-}
-
-fn boot_cluster(bed: &Testbed) -> Vec<Worker> {
-    let install = AgentInstall::from_workspace(&repo_root()).expect("agent binary");
-    let config = agent_config(bed, 3);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = ["w1", "w2", "w3"]
-            .into_iter()
-            .map(|name| {
-                let (install, config) = (&install, &config);
-                scope.spawn(move || {
-                    bed.boot_agent_worker(name, install, config, |spec| spec)
-                        .expect("boot a worker running the agent")
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
 }
 
 #[test]
@@ -477,4 +366,186 @@ fn enter_refuses_to_mount_over_a_non_empty_directory() {
     // And `leave` does not pretend to unmount what is not mounted.
     let out = builder.run(&["leave"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+
+#[test]
+fn daemon_keeps_a_hosts_file_fresh() {
+    Rootfs::ensure().expect("test-bed root filesystem");
+    let bed = Testbed::create().expect("test-bed network");
+    let install = distcc_testbed::AgentInstall::from_workspace(&common::repo_root()).unwrap();
+    let config = distcc_testbed::agent_config(&bed, 3);
+    let workers: Vec<_> = ["w1", "w2"]
+        .into_iter()
+        .map(|name| {
+            bed.boot_agent_worker(name, &install, &config, |s| s)
+                .unwrap()
+        })
+        .collect();
+    let endpoints: Vec<String> = workers.iter().map(|w| format!("{}:3634", w.ip())).collect();
+    let builder = Builder::new(&endpoints, None);
+    let hosts_file = builder.dir.path().join("etc-distcc-hosts");
+    let stderr = std::fs::File::create(builder.dir.path().join("daemon.log")).unwrap();
+    let mut daemon = builder
+        .command(&["daemon", "--hosts-file", hosts_file.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let hosts = || std::fs::read_to_string(&hosts_file).unwrap_or_default();
+    let entry = |w: usize| format!("{}:3632/3,lzo", workers[w].ip());
+    let log = || std::fs::read_to_string(builder.dir.path().join("daemon.log")).unwrap();
+    eventually(
+        "both workers in the hosts file",
+        Duration::from_secs(30),
+        || {
+            let h = hosts();
+            h.contains(&entry(0)) && h.contains(&entry(1))
+        },
+    );
+
+    workers[1]
+        .exec_ok(&["systemctl", "stop", "distccd"])
+        .unwrap();
+    let dropped = eventually(
+        "the stopped worker dropped",
+        Duration::from_secs(30),
+        || {
+            let h = hosts();
+            !h.contains(&entry(1))
+                && h.contains(&format!("# excluded {}: distccd is inactive", endpoints[1]))
+                && h.contains(&entry(0))
+        },
+    );
+    assert!(
+        dropped < Duration::from_secs(10),
+        "took {dropped:?}:\n{}",
+        log()
+    );
+
+    workers[1]
+        .exec_ok(&["systemctl", "start", "distccd"])
+        .unwrap();
+    eventually("the restarted worker back", Duration::from_secs(30), || {
+        let h = hosts();
+        h.contains(&entry(1)) && !h.contains("# excluded")
+    });
+    assert!(
+        log().contains(&format!("{}: out, distccd is inactive", endpoints[1])),
+        "{}",
+        log()
+    );
+
+    // SIGTERM ends it cleanly (systemd's stop).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(daemon.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "daemon: {status}\n{}", log());
+}
+
+/// A CA, a server certificate for `w1` at `ip`, and a client certificate, as PEM.
+fn test_pki(ip: std::net::Ipv4Addr) -> [(String, String); 3] {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = (ca_cert.pem(), String::new());
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |names: Vec<String>, ip: Option<std::net::Ipv4Addr>| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        if let Some(ip) = ip {
+            params.subject_alt_names.push(SanType::IpAddress(ip.into()));
+        }
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    [
+        ca,
+        leaf(vec!["w1".to_owned()], Some(ip)),
+        leaf(vec!["builder".to_owned()], None),
+    ]
+}
+
+#[test]
+fn tls_and_client_certificates_for_every_rpc() {
+    Rootfs::ensure().expect("test-bed root filesystem");
+    let bed = Testbed::create().expect("test-bed network");
+    let ip = std::net::Ipv4Addr::from(u32::from(bed.host_ip()) + 10); // w1 is .11
+    let [ca, server, client] = test_pki(ip);
+    let pem = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("ca.pem", &ca.0),
+        ("cert.pem", &server.0),
+        ("key.pem", &server.1),
+        ("client.pem", &client.0),
+        ("client.key", &client.1),
+    ] {
+        std::fs::write(pem.path().join(name), text).unwrap();
+    }
+    let config = format!(
+        "{}[tls]\ncert = \"/etc/distcc-agent/tls/cert.pem\"\nkey = \"/etc/distcc-agent/tls/key.pem\"\n\
+         client_ca = \"/etc/distcc-agent/tls/ca.pem\"\n",
+        distcc_testbed::agent_config(&bed, 3)
+    );
+    let install = distcc_testbed::AgentInstall::from_workspace(&common::repo_root()).unwrap();
+    let w1 = bed
+        .boot_agent_worker("w1", &install, &config, |spec| {
+            spec.bind_ro(pem.path(), "/etc/distcc-agent/tls")
+        })
+        .unwrap();
+    assert_eq!(w1.ip(), ip);
+    let endpoint = format!("{ip}:3634");
+    let builder = Builder::new(std::slice::from_ref(&endpoint), None);
+    let toml = builder.dir.path().join("builder.toml");
+    let plain = std::fs::read_to_string(&toml).unwrap();
+    let path = |name: &str| pem.path().join(name).display().to_string();
+
+    // Plain text: the agent does not answer it.
+    let doc = json(&builder.run(&["status", "--json"]));
+    assert_eq!(by_endpoint(&doc, &endpoint)["reachable"], false, "{doc}");
+
+    // TLS without a client certificate: refused by an agent that requires one.
+    std::fs::write(
+        &toml,
+        format!("{plain}[tls]\nca = \"{}\"\n", path("ca.pem")),
+    )
+    .unwrap();
+    let doc = json(&builder.run(&["status", "--json"]));
+    assert_eq!(by_endpoint(&doc, &endpoint)["reachable"], false, "{doc}");
+
+    // mTLS, verifying the certificate's name instead of the address: served, for the
+    // one-shot RPCs and for the session's status stream alike.
+    std::fs::write(
+        &toml,
+        format!(
+            "{plain}[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ndomain = \"w1\"\n",
+            path("ca.pem"),
+            path("client.pem"),
+            path("client.key")
+        ),
+    )
+    .unwrap();
+    let out = builder.run(&["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        by_endpoint(&json(&out), &endpoint)["distccd_state"],
+        "active"
+    );
+    let out = builder.run(&["smoketest"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let script = "sleep 3; grep -v '^#' \"$DISTCC_DIR/hosts\"; cat \"$DISTCC_DIR/steering.log\" 2>/dev/null; true";
+    let out = builder.run(&["enter", "--", "sh", "-c", script]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The stream kept w1 in: no steering change logged, the entry still there.
+    assert!(
+        stdout.contains(&format!("{ip}:3632/3,lzo")),
+        "{}",
+        text(&out)
+    );
+    assert!(!stdout.contains("out,"), "{}", text(&out));
 }

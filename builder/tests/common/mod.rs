@@ -1,0 +1,125 @@
+//! Helpers shared by the container tests: a builder configuration, running builderctl,
+//! reading its JSON, bounded polling, booting three agent workers.
+
+// Each test binary uses a different subset.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use distcc_testbed::{AgentInstall, TEST_TOKEN, Testbed, Worker, agent_config};
+use serde_json::Value;
+
+pub const BUILDERCTL: &str = env!("CARGO_BIN_EXE_builderctl");
+/// The per-worker RPC deadline the tests configure.
+pub const DEADLINE: Duration = Duration::from_millis(1000);
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A builder configuration in a temporary directory, and the tmpfs workspace it names
+/// (unmounted on drop, even when the test panics).
+pub struct Builder {
+    pub dir: tempfile::TempDir,
+    pub workspace: PathBuf,
+}
+
+impl Builder {
+    pub fn new(workers: &[String], workspace: Option<&Path>) -> Builder {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), format!("{TEST_TOKEN}\n")).unwrap();
+        let workspace = workspace.map_or_else(|| dir.path().join("ws"), Path::to_owned);
+        let workers: Vec<String> = workers.iter().map(|w| format!("{w:?}")).collect();
+        std::fs::write(
+            dir.path().join("builder.toml"),
+            format!(
+                "workers = [{}]\ntoken_file = \"{}\"\nworkspace = \"{}\"\ntmpfs_size = \"64M\"\n\
+                 deadline_ms = {}\noperation_deadline_ms = 30000\n",
+                workers.join(", "),
+                dir.path().join("token").display(),
+                workspace.display(),
+                DEADLINE.as_millis(),
+            ),
+        )
+        .unwrap();
+        Builder { dir, workspace }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BUILDERCTL);
+        command
+            .arg("--config")
+            .arg(self.dir.path().join("builder.toml"))
+            .args(args)
+            .env_remove("BUILDERCTL_SESSION")
+            .env_remove("DISTCC_HOSTS")
+            .env_remove("DISTCC_DIR");
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run builderctl")
+    }
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        // Lazy: a panicking test may still have a shell in there.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.workspace)
+            .output();
+    }
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+pub fn json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(output)))
+}
+
+pub fn by_endpoint<'a>(doc: &'a Value, endpoint: &str) -> &'a Value {
+    doc["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["endpoint"] == endpoint)
+        .unwrap_or_else(|| panic!("{endpoint} missing in {doc}"))
+}
+
+/// Bounded polling: the bound only keeps a broken build from hanging CI.
+pub fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
+pub fn boot_cluster(bed: &Testbed) -> Vec<Worker> {
+    let install = AgentInstall::from_workspace(&repo_root()).expect("agent binary");
+    let config = agent_config(bed, 3);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ["w1", "w2", "w3"]
+            .into_iter()
+            .map(|name| {
+                let (install, config) = (&install, &config);
+                scope.spawn(move || {
+                    bed.boot_agent_worker(name, install, config, |spec| spec)
+                        .expect("boot a worker running the agent")
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}

@@ -1,0 +1,239 @@
+//! Losing a worker while builds run, against three real agent workers in the test-bed:
+//! the session's failover (hosts file plus aborted connections) and the daemon's hosts
+//! file.
+//!
+//! Needs root. Run with `cargo build -p distcc-agent && cargo test -p distcc-builder`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Builder, boot_cluster, eventually, text};
+use distcc_testbed::{Rootfs, Testbed};
+
+/// Translation units of the project, and functions in each: about 0.5 s of gcc -O2 per
+/// unit alone; the distributed build (11 compiles sharing this project's 2 cores) lasts
+/// about 15 s, so a cut a few seconds in finds compiles in flight on the lost worker.
+const UNITS: usize = 20;
+const FUNCTIONS: usize = 350;
+
+/// A C project slow enough to cut a worker off in the middle of it. The program prints
+/// every unit's result, so a wrong object shows in its output as well as in `cmp`.
+fn write_slow_project(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut objects = vec!["main.o".to_owned()];
+    let mut declarations = String::new();
+    let mut prints = String::new();
+    for u in 0..UNITS {
+        let mut code = String::new();
+        for k in 0..FUNCTIONS {
+            code.push_str(&format!(
+                "static long f{k}(long x) {{ long s = {seed}; for (int i = 0; i < 64; i++) \
+                 {{ s = s * 31 + (x ^ i) * {m}; if (s & 1) s ^= x << (i & 7); else s += i * {k}; }} \
+                 return s; }}\n",
+                seed = u * 1000 + k,
+                m = k + 3 + u,
+            ));
+        }
+        let calls: Vec<String> = (0..FUNCTIONS).map(|k| format!("f{k}(x)")).collect();
+        code.push_str(&format!(
+            "long unit{u}(long x) {{ return {}; }}\n",
+            calls.join(" + ")
+        ));
+        std::fs::write(dir.join(format!("u{u}.c")), code).unwrap();
+        objects.push(format!("u{u}.o"));
+        declarations.push_str(&format!("long unit{u}(long);\n"));
+        prints.push_str(&format!("  printf(\"unit{u} %ld\\n\", unit{u}(7));\n"));
+    }
+    std::fs::write(
+        dir.join("main.c"),
+        format!("#include <stdio.h>\n{declarations}int main(void) {{\n{prints}  return 0;\n}}\n"),
+    )
+    .unwrap();
+    // Compiles go through $(CC) (distcc in a session); the link runs plain gcc, locally.
+    std::fs::write(
+        dir.join("Makefile"),
+        format!(
+            "prog: {objs}\n\tgcc -o $@ $^\n%.o: %.c\n\t$(CC) -O2 -c $< -o $@\n",
+            objs = objects.join(" ")
+        ),
+    )
+    .unwrap();
+}
+
+/// Established TCP connections from this (root) namespace to `ip:3632`.
+fn connections_to(ip: &str) -> usize {
+    let out = Command::new("ss")
+        .args([
+            "-H",
+            "-n",
+            "-t",
+            "state",
+            "established",
+            "dst",
+            ip,
+            "dport",
+            "=",
+            ":3632",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+#[test]
+fn a_worker_lost_mid_build_fails_over_at_once_with_identical_objects() {
+    Rootfs::ensure().expect("test-bed root filesystem");
+    let bed = Testbed::create().expect("test-bed network");
+    let workers = boot_cluster(&bed);
+    let endpoints: Vec<String> = workers.iter().map(|w| format!("{}:3634", w.ip())).collect();
+    let builder = Builder::new(&endpoints, None);
+    let source = builder.dir.path().join("project");
+    write_slow_project(&source);
+    let marks = builder.dir.path().join("marks");
+    std::fs::create_dir_all(marks.join("objects")).unwrap();
+    let w2 = workers[1].ip().to_string();
+
+    // The session builds, keeps the result, then stays until w2 is back in its hosts file.
+    let script = format!(
+        "set -e\n\
+         echo \"$DISTCC_DIR\" > {m}/dir.tmp && mv {m}/dir.tmp {m}/dir\n\
+         cp {src}/* .\n\
+         make -s -j\"$DISTCC_SLOTS\"\n\
+         ./prog > {m}/output\n\
+         cp *.o {m}/objects/\n\
+         touch {m}/built\n\
+         i=0; until grep -q '^[^#]*{w2}:3632/' \"$DISTCC_DIR/hosts\"; do sleep 0.1; i=$((i+1)); [ $i -lt 600 ] || exit 4; done\n\
+         cp \"$DISTCC_DIR/steering.log\" {m}/steering.log\n",
+        m = marks.display(),
+        src = source.display(),
+    );
+    let started = Instant::now();
+    let session = builder
+        .command(&["enter", "--", "sh", "-c", &script])
+        // distcc's default: a failed remote compile is redone locally.
+        .env_remove("DISTCC_FALLBACK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the session started", Duration::from_secs(30), || {
+        marks.join("dir").exists()
+    });
+    let distcc_dir = std::fs::read_to_string(marks.join("dir")).unwrap();
+    let hosts_file = Path::new(distcc_dir.trim()).join("hosts");
+    let steering_log = Path::new(distcc_dir.trim()).join("steering.log");
+
+    // Cut w2 off while compiles are in flight there: those would wait out distcc's 300 s
+    // IO timeout unless the session aborts them.
+    eventually("compiles in flight on w2", Duration::from_secs(60), || {
+        connections_to(&w2) >= 2
+    });
+    workers[1].set_link(false).unwrap();
+    let cut_at = Instant::now();
+    let dropped_after = eventually(
+        "w2 dropped from the session's hosts file",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&hosts_file)
+                .is_ok_and(|h| h.contains(&format!("# excluded {w2}:3634")))
+        },
+    );
+    assert!(
+        dropped_after < Duration::from_secs(10),
+        "took {dropped_after:?}"
+    );
+    eventually(
+        "the session aborted w2's connections",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&steering_log).is_ok_and(|log| {
+                log.lines()
+                    .any(|l| l.contains(&format!("{w2}:3634: lost (")) && l.contains("aborted"))
+            })
+        },
+    );
+    // The bound proves the mechanism (no compile waited for the 300 s IO timeout); it is
+    // not a benchmark.
+    let built_after = eventually("the build finished", Duration::from_secs(240), || {
+        marks.join("built").exists()
+    });
+    let built_at = Instant::now();
+    assert!(
+        started.elapsed() < Duration::from_secs(150),
+        "build took {:?} ({built_after:?} after the cut)",
+        started.elapsed()
+    );
+
+    // The same project built locally, without distcc, while w2 comes back.
+    let reference = builder.dir.path().join("reference");
+    std::fs::create_dir(&reference).unwrap();
+    let local_build = std::thread::spawn({
+        let (source, reference) = (source.clone(), reference.clone());
+        move || {
+            let copy = Command::new("sh")
+                .arg("-c")
+                .arg(format!("cp {}/* {}", source.display(), reference.display()))
+                .status()
+                .unwrap();
+            assert!(copy.success());
+            let out = Command::new("make")
+                .args(["-s", "-j2", "CC=gcc"])
+                .current_dir(&reference)
+                .env_remove("DISTCC_HOSTS")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", text(&out));
+            Command::new("./prog")
+                .current_dir(&reference)
+                .output()
+                .unwrap()
+        }
+    });
+    workers[1].set_link(true).unwrap();
+    let out = session.wait_with_output().unwrap();
+    assert!(out.status.success(), "session: {}", text(&out));
+    let back_after = cut_at.elapsed();
+    let log = std::fs::read_to_string(marks.join("steering.log")).unwrap();
+    let aborted: usize = log
+        .lines()
+        .filter(|l| l.contains(&format!("{w2}:3634: lost (")))
+        .filter_map(|l| {
+            l.split("aborted ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    assert!(aborted >= 1, "nothing aborted:\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("{w2}:3634: in, {w2}:3632/3"))),
+        "w2 never came back:\n{log}"
+    );
+    let reference_run = local_build.join().unwrap();
+    assert!(reference_run.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&std::fs::read(marks.join("output")).unwrap()),
+        String::from_utf8_lossy(&reference_run.stdout),
+    );
+    for unit in std::iter::once("main".to_owned()).chain((0..UNITS).map(|u| format!("u{u}"))) {
+        let ours = std::fs::read(marks.join("objects").join(format!("{unit}.o"))).unwrap();
+        let theirs = std::fs::read(reference.join(format!("{unit}.o"))).unwrap();
+        assert!(ours == theirs, "{unit}.o differs from the local build");
+    }
+    eprintln!(
+        "build {:?} in all, {built_after:?} after the cut, w2 dropped {dropped_after:?} after it, \
+         {aborted} connections aborted, w2 back {back_after:?} after the cut",
+        built_at.duration_since(started)
+    );
+}
