@@ -700,47 +700,17 @@ async fn watchdog_and_graceful_stop() {
     );
 }
 
-/// A CA, a server certificate for the worker and a client certificate, as PEM.
-struct TestPki {
-    ca: String,
-    server: (String, String),
-    client: (String, String),
-}
-
-fn test_pki(server_ip: std::net::Ipv4Addr) -> TestPki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf = |names: Vec<String>, ip: Option<std::net::Ipv4Addr>| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names).unwrap();
-        if let Some(ip) = ip {
-            params.subject_alt_names.push(SanType::IpAddress(ip.into()));
-        }
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    TestPki {
-        ca: ca_cert.pem(),
-        server: leaf(vec!["w1".to_owned()], Some(server_ip)),
-        client: leaf(vec!["builder".to_owned()], None),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_with_client_certificates() {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     let bed = bed();
     let ip = std::net::Ipv4Addr::from(u32::from(bed.host_ip()) + 10); // w1 is .11
-    let pki = test_pki(ip);
+    let pki = distcc_testbed::TestPki::generate("w1", ip).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (name, pem) in [
         ("ca.pem", &pki.ca),
-        ("cert.pem", &pki.server.0),
-        ("key.pem", &pki.server.1),
+        ("cert.pem", &pki.server.cert),
+        ("key.pem", &pki.server.key),
     ] {
         std::fs::write(dir.path().join(name), pem).unwrap();
     }
@@ -797,7 +767,7 @@ async fn tls_with_client_certificates() {
         "a client certificate is required"
     );
     // With a certificate signed by the configured CA: served.
-    let mutual = server_only.identity(Identity::from_pem(&pki.client.0, &pki.client.1));
+    let mutual = server_only.identity(Identity::from_pem(&pki.client.cert, &pki.client.key));
     let status = connect(Some(mutual)).await.expect("mTLS Status");
     assert_eq!(status.unit.unwrap().active_state, "active");
 }

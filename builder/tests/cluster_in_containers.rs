@@ -445,44 +445,20 @@ fn daemon_keeps_a_hosts_file_fresh() {
     assert!(status.success(), "daemon: {status}\n{}", log());
 }
 
-/// A CA, a server certificate for `w1` at `ip`, and a client certificate, as PEM.
-fn test_pki(ip: std::net::Ipv4Addr) -> [(String, String); 3] {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let ca = (ca_cert.pem(), String::new());
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf = |names: Vec<String>, ip: Option<std::net::Ipv4Addr>| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(names).unwrap();
-        if let Some(ip) = ip {
-            params.subject_alt_names.push(SanType::IpAddress(ip.into()));
-        }
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    [
-        ca,
-        leaf(vec!["w1".to_owned()], Some(ip)),
-        leaf(vec!["builder".to_owned()], None),
-    ]
-}
-
 #[test]
 fn tls_and_client_certificates_for_every_rpc() {
     Rootfs::ensure().expect("test-bed root filesystem");
     let bed = Testbed::create().expect("test-bed network");
     let ip = std::net::Ipv4Addr::from(u32::from(bed.host_ip()) + 10); // w1 is .11
-    let [ca, server, client] = test_pki(ip);
+    let pki = distcc_testbed::TestPki::generate("w1", ip).unwrap();
+    let (ca, server, client) = (&pki.ca, &pki.server, &pki.client);
     let pem = tempfile::tempdir().unwrap();
     for (name, text) in [
-        ("ca.pem", &ca.0),
-        ("cert.pem", &server.0),
-        ("key.pem", &server.1),
-        ("client.pem", &client.0),
-        ("client.key", &client.1),
+        ("ca.pem", ca),
+        ("cert.pem", &server.cert),
+        ("key.pem", &server.key),
+        ("client.pem", &client.cert),
+        ("client.key", &client.key),
     ] {
         std::fs::write(pem.path().join(name), text).unwrap();
     }

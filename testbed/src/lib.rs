@@ -29,6 +29,7 @@
 mod agent;
 mod cmd;
 mod packages;
+mod pki;
 mod rootfs;
 mod sweep;
 mod testbed;
@@ -37,6 +38,7 @@ use anyhow::{Result, bail};
 
 pub use agent::{AGENT_PORT, AgentInstall, TEST_TOKEN, agent_config};
 pub use packages::{REPO_IN_WORKER, build_repository};
+pub use pki::{CertifiedKey, TestPki};
 pub use rootfs::{
     BASE_PACKAGES, CACHE_ENV, DEFAULT_CACHE_DIR, DEFAULT_MIRROR, EXTRA_PACKAGES, MIRROR_ENV,
     ROOTFS_VERSION, Rootfs, SUITE, cache_dir,
