@@ -94,7 +94,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         .await
         .with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, tls = tls.is_some(), "serving gRPC");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // tonic applies its TCP_NODELAY default only to listeners it binds itself: without it
+    // small responses wait on delayed ACKs (40 ms steps measured, docs/BENCHMARKS.md).
+    // Keepalive finds builders that vanished while holding a status stream.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     let mut server_shutdown = shutdown_rx.clone();
     let server = tokio::spawn(
         builder

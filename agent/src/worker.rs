@@ -128,6 +128,36 @@ pub struct Worker<U: UnitControl> {
     ops: Mutex<()>,
     state: watch::Sender<UnitState>,
     hostname: String,
+    jobs_running: JobsRunning,
+}
+
+/// Compiles in flight, counted from `/proc/net/tcp{,6}`. Producing those files walks the
+/// kernel's whole TCP hash (3-17 ms measured, see docs/BENCHMARKS.md), so the count is
+/// reused for up to a second: a burst of Status calls pays for one walk, and an idle agent
+/// pays nothing.
+#[derive(Default)]
+struct JobsRunning {
+    last: std::sync::Mutex<Option<(Instant, u16, u32)>>,
+}
+
+impl JobsRunning {
+    const MAX_AGE: Duration = Duration::from_secs(1);
+
+    fn get(&self, port: u16) -> u32 {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *last {
+            Some((at, p, count)) if p == port && at.elapsed() < Self::MAX_AGE => count,
+            _ => {
+                let count =
+                    u32::try_from(crate::listening::established_to(port)).unwrap_or(u32::MAX);
+                *last = Some((Instant::now(), port, count));
+                count
+            }
+        }
+    }
 }
 
 impl<U: UnitControl> Worker<U> {
@@ -140,6 +170,7 @@ impl<U: UnitControl> Worker<U> {
             catalog: CompilerCatalog::default(),
             ops: Mutex::new(()),
             state: watch::Sender::new(UnitState::default()),
+            jobs_running: JobsRunning::default(),
             hostname: hostname::get()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default(),
@@ -451,7 +482,7 @@ impl<U: UnitControl> Worker<U> {
         let addr = SocketAddr::new(settings.agent_connect_addr(), settings.stats_port);
         match DistccdStats::fetch(addr, STATS_TIMEOUT).await {
             Ok(stats) => pb::DistccdStats {
-                jobs_running: crate::listening::established_to(settings.port) as u32,
+                jobs_running: self.jobs_running.get(settings.port),
                 ..stats_to_proto(&stats)
             },
             Err(e) => pb::DistccdStats {

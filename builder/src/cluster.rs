@@ -212,10 +212,13 @@ pub fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 
-/// Run `call` against one agent, connection included, within `deadline`.
+/// Run `call` against one agent within `deadline`, connection included; connecting alone
+/// is bounded by `connect_deadline` (the per-RPC deadline), so a dead worker costs that,
+/// not a long operation's deadline.
 pub async fn call_within<T, F, Fut>(
     endpoint: &str,
     access: &AgentAccess,
+    connect_deadline: Duration,
     deadline: Duration,
     call: F,
 ) -> Result<T, String>
@@ -224,7 +227,7 @@ where
     Fut: std::future::Future<Output = Result<T, String>>,
 {
     let work = async {
-        let client = connect(endpoint, access, deadline).await?;
+        let client = connect(endpoint, access, connect_deadline.min(deadline)).await?;
         call(client).await
     };
     tokio::time::timeout(deadline, work)
@@ -239,15 +242,21 @@ pub async fn fetch_status(
     access: &AgentAccess,
     deadline: Duration,
 ) -> Result<pb::WorkerStatus, String> {
-    call_within(endpoint, access, deadline, |mut client| async move {
-        client
-            .status(pb::StatusRequest {
-                skip_compilers: false,
-            })
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| status_text(&s))
-    })
+    call_within(
+        endpoint,
+        access,
+        deadline,
+        deadline,
+        |mut client| async move {
+            client
+                .status(pb::StatusRequest {
+                    skip_compilers: false,
+                })
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| status_text(&s))
+        },
+    )
     .await
 }
 

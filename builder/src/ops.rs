@@ -177,6 +177,7 @@ pub async fn validate_one(
         let agent = call_within(
             &probe.endpoint,
             access,
+            deadline,
             operation_deadline,
             |mut client| async move {
                 client
@@ -372,23 +373,30 @@ pub async fn control_one(
     endpoint: &str,
     access: &AgentAccess,
     operation: Operation,
+    connect_deadline: Duration,
     deadline: Duration,
 ) -> ControlResult {
-    let response = call_within(endpoint, access, deadline, |mut client| async move {
-        let reply = match operation {
-            Operation::Reset => {
-                client
-                    .control(pb::ControlRequest {
-                        action: pb::ControlAction::Reset as i32,
-                    })
-                    .await
-            }
-            Operation::Bootstrap => client.bootstrap(pb::BootstrapRequest {}).await,
-        };
-        reply
-            .map(tonic::Response::into_inner)
-            .map_err(|s| status_text(&s))
-    })
+    let response = call_within(
+        endpoint,
+        access,
+        connect_deadline,
+        deadline,
+        |mut client| async move {
+            let reply = match operation {
+                Operation::Reset => {
+                    client
+                        .control(pb::ControlRequest {
+                            action: pb::ControlAction::Reset as i32,
+                        })
+                        .await
+                }
+                Operation::Bootstrap => client.bootstrap(pb::BootstrapRequest {}).await,
+            };
+            reply
+                .map(tonic::Response::into_inner)
+                .map_err(|s| status_text(&s))
+        },
+    )
     .await;
     match response {
         Ok(reply) => {
@@ -422,6 +430,7 @@ pub async fn control_all(
     workers: &[String],
     access: &AgentAccess,
     operation: Operation,
+    connect_deadline: Duration,
     deadline: Duration,
     rolling: bool,
 ) -> Vec<ControlResult> {
@@ -429,7 +438,7 @@ pub async fn control_all(
         return futures_util::future::join_all(
             workers
                 .iter()
-                .map(|w| control_one(w, access, operation, deadline)),
+                .map(|w| control_one(w, access, operation, connect_deadline, deadline)),
         )
         .await;
     }
@@ -446,7 +455,7 @@ pub async fn control_all(
             });
             continue;
         }
-        let result = control_one(worker, access, operation, deadline).await;
+        let result = control_one(worker, access, operation, connect_deadline, deadline).await;
         failed = !result.passed;
         results.push(result);
     }

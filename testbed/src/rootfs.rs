@@ -83,7 +83,27 @@ impl Rootfs {
 
     /// [`Rootfs::ensure`] with an explicit cache directory.
     pub fn ensure_in(cache: &Path) -> Result<Rootfs> {
-        let path = cache.join(dir_name());
+        Self::ensure_variant(cache, &[])
+    }
+
+    /// A variant of the rootfs with `packages` (Debian package names) installed on top of
+    /// the default lists, for benchmarks that need more on the workers than the tests do
+    /// (for example `openssh-server` and `python3` for an Ansible baseline). Cached like
+    /// [`Rootfs::ensure`], under a name derived from the sorted package list
+    /// (`rootfs-bookworm-vV+openssh-server+python3`); an empty list is the default rootfs.
+    pub fn ensure_with(packages: &[&str]) -> Result<Rootfs> {
+        Self::ensure_variant(&cache_dir(), packages)
+    }
+
+    /// [`Rootfs::ensure_with`] with an explicit cache directory.
+    pub fn ensure_with_in(cache: &Path, packages: &[&str]) -> Result<Rootfs> {
+        Self::ensure_variant(cache, packages)
+    }
+
+    fn ensure_variant(cache: &Path, packages: &[&str]) -> Result<Rootfs> {
+        let packages = variant_packages(packages)?;
+        let name = variant_dir_name(&packages);
+        let path = cache.join(&name);
         // Fast path without the lock: the directory only ever appears by an atomic rename
         // of a finished build, so its existence means it is complete.
         if path.is_dir() {
@@ -120,7 +140,7 @@ impl Rootfs {
             return Ok(Rootfs { path });
         }
         remove_stale_builds(cache)?;
-        build(cache, &path)?;
+        build(cache, &path, &name, &packages)?;
         drop(lock);
         Ok(Rootfs { path })
     }
@@ -141,6 +161,37 @@ pub fn cache_dir() -> PathBuf {
 
 fn dir_name() -> String {
     format!("rootfs-{SUITE}-v{ROOTFS_VERSION}")
+}
+
+/// The extra packages of a variant: sorted, deduplicated, minus those every rootfs has,
+/// each a valid Debian package name (they end up in a directory name and an apt command).
+fn variant_packages(packages: &[&str]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for p in packages {
+        ensure!(
+            p.len() >= 2
+                && p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+                && p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c)),
+            "{p:?} is not a Debian package name"
+        );
+        if !BASE_PACKAGES.contains(p) && !EXTRA_PACKAGES.contains(p) {
+            out.push((*p).to_owned());
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// `rootfs-bookworm-vV` for the default rootfs, `rootfs-bookworm-vV+pkg1+pkg2` for a variant.
+fn variant_dir_name(packages: &[String]) -> String {
+    let mut name = dir_name();
+    for p in packages {
+        name.push('+');
+        name.push_str(p);
+    }
+    name
 }
 
 fn mirror() -> String {
@@ -164,12 +215,13 @@ fn remove_stale_builds(cache: &Path) -> Result<()> {
     Ok(())
 }
 
-fn build(cache: &Path, dest: &Path) -> Result<()> {
+fn build(cache: &Path, dest: &Path, name: &str, variant: &[String]) -> Result<()> {
     let started = Instant::now();
-    let log = cache.join(format!("{}.build.log", dir_name()));
+    let log = cache.join(format!("{name}.build.log"));
     let _ = fs::remove_file(&log);
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.tmp-", dir_name()))
+        // Starts with ".rootfs-" and contains ".tmp-": what `remove_stale_builds` deletes.
+        .prefix(&format!(".{name}.tmp-"))
         .tempdir_in(cache)
         .with_context(|| format!("cannot create a build directory in {}", cache.display()))?
         // We delete it ourselves with `remove_tree`: tempfile's recursive delete would
@@ -179,7 +231,7 @@ fn build(cache: &Path, dest: &Path) -> Result<()> {
         dest = %dest.display(), log = %log.display(),
         "building the worker rootfs with debootstrap (once; about 1.5 minutes)"
     );
-    let result = debootstrap(&tmp, &log).and_then(|()| customise(&tmp, &log));
+    let result = debootstrap(&tmp, &log).and_then(|()| customise(&tmp, &log, variant));
     if let Err(e) = result {
         if let Err(cleanup) = remove_tree(&tmp) {
             warn!(dir = %tmp.display(), "cannot remove the failed build: {cleanup:#}");
@@ -240,7 +292,7 @@ fn write(path: &Path, contents: &str, mode: u32) -> Result<()> {
         .with_context(|| format!("cannot chmod {}", path.display()))
 }
 
-fn customise(dir: &Path, log: &Path) -> Result<()> {
+fn customise(dir: &Path, log: &Path, variant: &[String]) -> Result<()> {
     let etc = dir.join("etc");
     // apt inside the chroot needs a resolver; the host's one is good for the build only.
     let host_resolv = fs::read_to_string("/etc/resolv.conf")
@@ -254,10 +306,11 @@ fn customise(dir: &Path, log: &Path) -> Result<()> {
         // Package scripts need /proc: polkitd's postinst runs systemd-tmpfiles, which
         // refuses to work without it (and the postinst hides that with `|| true`).
         let _proc = ProcMount::new(dir)?;
-        if !EXTRA_PACKAGES.is_empty() {
+        if !EXTRA_PACKAGES.is_empty() || !variant.is_empty() {
             run_logged(&mut chroot(dir, &["apt-get", "update"]), log, APT_TIMEOUT)?;
             let mut install = vec!["apt-get", "install", "-y", "--no-install-recommends"];
             install.extend_from_slice(EXTRA_PACKAGES);
+            install.extend(variant.iter().map(String::as_str));
             run_logged(&mut chroot(dir, &install), log, APT_TIMEOUT)?;
         }
         run_logged(&mut chroot(dir, &["apt-get", "clean"]), log, APT_TIMEOUT)?;
@@ -299,9 +352,10 @@ fn customise(dir: &Path, log: &Path) -> Result<()> {
     write(
         &etc.join("distcc-testbed-release"),
         &format!(
-            "ROOTFS_VERSION={ROOTFS_VERSION}\nSUITE={SUITE}\nBASE_PACKAGES=\"{}\"\nEXTRA_PACKAGES=\"{}\"\n",
+            "ROOTFS_VERSION={ROOTFS_VERSION}\nSUITE={SUITE}\nBASE_PACKAGES=\"{}\"\nEXTRA_PACKAGES=\"{}\"\nVARIANT_PACKAGES=\"{}\"\n",
             BASE_PACKAGES.join(" "),
-            EXTRA_PACKAGES.join(" ")
+            EXTRA_PACKAGES.join(" "),
+            variant.join(" ")
         ),
         0o644,
     )?;
@@ -432,6 +486,30 @@ mod tests {
     #[test]
     fn dir_name_carries_suite_and_version() {
         assert_eq!(dir_name(), format!("rootfs-bookworm-v{ROOTFS_VERSION}"));
+    }
+
+    #[test]
+    fn variants_are_named_by_their_sorted_extra_packages() -> Result<()> {
+        let p = variant_packages(&["python3", "openssh-server", "python3", "gcc"])?;
+        assert_eq!(p, ["openssh-server", "python3"]);
+        assert_eq!(
+            variant_dir_name(&p),
+            format!("rootfs-bookworm-v{ROOTFS_VERSION}+openssh-server+python3")
+        );
+        assert_eq!(variant_dir_name(&variant_packages(&["gcc"])?), dir_name());
+        assert!(variant_packages(&["../etc"]).is_err());
+        assert!(variant_packages(&["a b"]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_cached_variant_is_returned_without_building() -> Result<()> {
+        let cache = tempfile::tempdir()?;
+        let name = format!("rootfs-bookworm-v{ROOTFS_VERSION}+openssh-server");
+        fs::create_dir(cache.path().join(&name))?;
+        let r = Rootfs::ensure_with_in(cache.path(), &["openssh-server"])?;
+        assert_eq!(r.path(), cache.path().join(name));
+        Ok(())
     }
 
     #[test]

@@ -78,6 +78,7 @@ pub async fn control(
         &workers,
         &setup.config.access,
         operation,
+        setup.config.deadline,
         setup.config.operation_deadline,
         rolling,
     )
