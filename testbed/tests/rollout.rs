@@ -140,7 +140,7 @@ fn install_upgrade_during_a_build_remove_purge() {
     w.use_local_repo().unwrap();
 
     // Install: the agent runs at once, safely idle until the operator sets an allowlist.
-    apt(&w, &["install", &format!("distcc-agent={OLD}")]);
+    apt(&w, &["install", &format!("distcc-agent={OLD}-1")]);
     assert_eq!(show(&w, "distcc-agent", "ActiveState"), "active");
     assert_eq!(show(&w, "distcc-agent", "UnitFileState"), "enabled");
     assert!(show(&w, "distcc-agent", "StatusText").starts_with("waiting for an allowlist"));
@@ -204,7 +204,7 @@ fn install_upgrade_during_a_build_remove_purge() {
     let version = w
         .exec_ok(&["dpkg-query", "-W", "-f=${Version}", "distcc-agent"])
         .unwrap();
-    assert_eq!(version, NEW);
+    assert_eq!(version, format!("{NEW}-1"), "build-debs adds the Debian revision");
     eventually("the agent reports the new version", || {
         builder_status(tmp.path(), w.ip(), token.trim())
             .1
