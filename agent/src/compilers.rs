@@ -10,17 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use distcc_proto::compiler_fingerprint as fingerprint;
+use distcc_proto::{compiler_fingerprint as fingerprint, resolve_compiler as resolve};
 
-/// Where compilers are looked up, in order, as distccd's PATH would find them (the
-/// masquerade dir itself excluded).
-const SEARCH_PATH: [&str; 5] = [
-    "/usr/local/bin",
-    "/usr/bin",
-    "/bin",
-    "/usr/local/sbin",
-    "/usr/sbin",
-];
 const RUN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,15 +62,6 @@ pub fn masquerade_links(dir: &Path) -> std::io::Result<Vec<String>> {
         .collect();
     names.sort();
     Ok(names)
-}
-
-/// The real binary a masquerade name stands for.
-pub fn resolve(name: &str) -> Option<PathBuf> {
-    SEARCH_PATH
-        .iter()
-        .map(|dir| Path::new(dir).join(name))
-        .find(|candidate| candidate.is_file())
-        .and_then(|found| std::fs::canonicalize(found).ok())
 }
 
 impl CompilerCatalog {

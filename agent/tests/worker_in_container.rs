@@ -78,6 +78,17 @@ impl AgentWorker {
         self.client_with(Some(TOKEN))
     }
 
+    /// Control `action`; panics when the agent refuses it.
+    async fn control(&self, action: pb::ControlAction) -> pb::ControlResponse {
+        self.client()
+            .control(pb::ControlRequest {
+                action: action as i32,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("Control {action:?}: {e}"))
+            .into_inner()
+    }
+
     async fn status(&self) -> pb::WorkerStatus {
         self.client()
             .status(pb::StatusRequest::default())
@@ -454,13 +465,7 @@ async fn control_crash_recovery_and_agent_restart() {
     use tonic_health::pb::health_check_response::ServingStatus;
 
     // Stop: health says NOT_SERVING; start brings it back.
-    let stopped = client
-        .control(pb::ControlRequest {
-            action: pb::ControlAction::Stop as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stopped = w.control(pb::ControlAction::Stop).await;
     assert_eq!(stopped.unit.unwrap().active_state, "inactive");
     eventually("health NOT_SERVING", || async {
         w.health().await == ServingStatus::NotServing as i32
@@ -470,13 +475,7 @@ async fn control_crash_recovery_and_agent_restart() {
         remote_compile(w.container.ip()).is_err(),
         "no distccd, no compile"
     );
-    let started = client
-        .control(pb::ControlRequest {
-            action: pb::ControlAction::Start as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let started = w.control(pb::ControlAction::Start).await;
     assert_eq!(started.unit.unwrap().active_state, "active");
     eventually("health SERVING", || async {
         w.health().await == ServingStatus::Serving as i32
@@ -500,13 +499,7 @@ async fn control_crash_recovery_and_agent_restart() {
         !find_leftover().trim().is_empty(),
         "the file is in distccd's private /tmp"
     );
-    let reset = client
-        .control(pb::ControlRequest {
-            action: pb::ControlAction::Reset as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let reset = w.control(pb::ControlAction::Reset).await;
     assert_eq!(reset.steps.len(), 3, "{:?}", reset.steps);
     assert_eq!(reset.unit.as_ref().unwrap().active_state, "active");
     assert_ne!(reset.unit.as_ref().unwrap().main_pid, pid);
@@ -630,12 +623,7 @@ async fn settings_persist_across_reboot() {
     let unit = status.unit.unwrap();
     // The agent found persisted settings: it did not bootstrap again. distccd runs with the
     // persisted settings when started.
-    w.client()
-        .control(pb::ControlRequest {
-            action: pb::ControlAction::Start as i32,
-        })
-        .await
-        .unwrap();
+    w.control(pb::ControlAction::Start).await;
     let cmdline = w.distccd_cmdline(w.status().await.unit.unwrap().main_pid);
     assert!(
         cmdline.contains("--jobs 7"),

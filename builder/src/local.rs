@@ -4,27 +4,19 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use distcc_proto::compiler_fingerprint as fingerprint;
+use distcc_proto::{
+    COMPILER_SEARCH_PATH, compiler_fingerprint as fingerprint, resolve_compiler as resolve,
+};
 use thiserror::Error;
 
 use crate::host_list::LocalCompiler;
-
-/// Where a compiler name is looked up, in order: the agent's search path, so that `gcc`
-/// means the same binary on both sides.
-const SEARCH_PATH: [&str; 5] = [
-    "/usr/local/bin",
-    "/usr/bin",
-    "/bin",
-    "/usr/local/sbin",
-    "/usr/sbin",
-];
 
 /// distcc's masquerade directories: Debian's, then the upstream default.
 pub const MASQUERADE_CANDIDATES: [&str; 2] = ["/usr/lib/distcc", "/usr/lib/distcc/bin"];
 
 #[derive(Debug, Error)]
 pub enum LocalError {
-    #[error("`{0}` is not installed (looked in {path})", path = SEARCH_PATH.join(", "))]
+    #[error("`{0}` is not installed (looked in {path})", path = COMPILER_SEARCH_PATH.join(", "))]
     NotInstalled(String),
     #[error("{program} {arg}: {message}")]
     Run {
@@ -37,15 +29,6 @@ pub enum LocalError {
         path: String,
         source: std::io::Error,
     },
-}
-
-/// The real binary a compiler name stands for.
-pub fn resolve(name: &str) -> Option<PathBuf> {
-    SEARCH_PATH
-        .iter()
-        .map(|dir| Path::new(dir).join(name))
-        .find(|candidate| candidate.is_file())
-        .and_then(|found| std::fs::canonicalize(found).ok())
 }
 
 /// Describe the local compiler `name`.

@@ -14,6 +14,26 @@ pub const DEFAULT_AGENT_PORT: u16 = 3634;
 /// Fully qualified service name, as reported by the `grpc.health.v1` service.
 pub const SERVICE_NAME: &str = "distcc.agent.v1.DistccAgent";
 
+/// Where a compiler name (`gcc`, a masquerade link's name) is looked up, in order, as
+/// distccd's PATH finds it. Part of the contract: agent and builder resolve names the same
+/// way, so `gcc` means the same binary on both sides.
+pub const COMPILER_SEARCH_PATH: [&str; 5] = [
+    "/usr/local/bin",
+    "/usr/bin",
+    "/bin",
+    "/usr/local/sbin",
+    "/usr/sbin",
+];
+
+/// The real compiler binary `name` stands for, symlinks resolved.
+pub fn resolve_compiler(name: &str) -> Option<std::path::PathBuf> {
+    COMPILER_SEARCH_PATH
+        .iter()
+        .map(|dir| std::path::Path::new(dir).join(name))
+        .find(|candidate| candidate.is_file())
+        .and_then(|found| std::fs::canonicalize(found).ok())
+}
+
 /// `Compiler.fingerprint`: the sha256 of a compiler binary, lowercase hex. Part of the
 /// contract: the agent reports it for each worker compiler and the builder computes it for
 /// its own to decide whether a worker's compiler matches.

@@ -204,7 +204,11 @@ fn install_upgrade_during_a_build_remove_purge() {
     let version = w
         .exec_ok(&["dpkg-query", "-W", "-f=${Version}", "distcc-agent"])
         .unwrap();
-    assert_eq!(version, format!("{NEW}-1"), "build-debs adds the Debian revision");
+    assert_eq!(
+        version,
+        format!("{NEW}-1"),
+        "build-debs adds the Debian revision"
+    );
     eventually("the agent reports the new version", || {
         builder_status(tmp.path(), w.ip(), token.trim())
             .1
