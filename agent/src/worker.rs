@@ -206,10 +206,7 @@ impl<U: UnitControl> Worker<U> {
 
     /// The settings in effect: persisted ones, else the config's defaults.
     pub fn current_settings(&self) -> Result<DistccdSettings, StoreError> {
-        Ok(self
-            .store
-            .load()?
-            .unwrap_or_else(|| self.config().distccd.clone()))
+        self.settings_and_persisted().map(|(settings, _)| settings)
     }
 
     /// Whether an allowlist is configured at all (the shipped default config has none).
@@ -263,7 +260,8 @@ impl<U: UnitControl> Worker<U> {
             }));
         }
         let _guard = self.ops.lock().await;
-        self.apply(distccd).await.map(Some)
+        let (previous, persisted) = self.settings_and_persisted()?;
+        self.apply(previous, persisted, distccd).await.map(Some)
     }
 
     /// Validate `update` against the policy, persist it, restart distccd and wait until
@@ -273,17 +271,30 @@ impl<U: UnitControl> Worker<U> {
         update: &SettingsUpdate,
     ) -> Result<ConfigureOutcome, WorkerError> {
         let _guard = self.ops.lock().await;
-        let previous = self.current_settings()?;
+        let (previous, persisted) = self.settings_and_persisted()?;
         let next = update.apply_to(&previous)?;
-        self.apply(next).await
+        self.apply(previous, persisted, next).await
     }
 
-    async fn apply(&self, next: DistccdSettings) -> Result<ConfigureOutcome, WorkerError> {
-        let config = self.config();
-        next.validate(&config.policy)?;
-        let previous = self.current_settings()?;
+    /// The settings in effect, and whether they come from the persisted file (rather
+    /// than the config's defaults): one read of the file.
+    fn settings_and_persisted(&self) -> Result<(DistccdSettings, bool), StoreError> {
+        Ok(match self.store.load()? {
+            Some(settings) => (settings, true),
+            None => (self.config().distccd.clone(), false),
+        })
+    }
+
+    /// Apply `next` over `previous` (persisted or not); callers hold `ops`.
+    async fn apply(
+        &self,
+        previous: DistccdSettings,
+        persisted: bool,
+        next: DistccdSettings,
+    ) -> Result<ConfigureOutcome, WorkerError> {
+        next.validate(&self.config().policy)?;
         let unit_before = self.unit.state().await?;
-        if next == previous && unit_before.is_active() && self.store.load()?.is_some() {
+        if next == previous && unit_before.is_active() && persisted {
             return Ok(ConfigureOutcome {
                 previous: previous.clone(),
                 applied: next,
