@@ -72,6 +72,7 @@ impl Probe {
             endpoint: &self.endpoint,
             status: self.status.as_ref().map_err(String::as_str),
             builder_addr: self.builder_addr,
+            mean_job_secs: None,
         }
     }
 }

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::cluster::slots_of;
+use crate::pace::slow_share;
 
 /// distccd's port when a worker does not say (it always does; old agents might not).
 const DEFAULT_DISTCCD_PORT: u16 = 3632;
@@ -40,6 +41,9 @@ pub struct WorkerInput<'a> {
     /// The source address this builder uses to reach the worker (what distccd's allowlist
     /// sees); `None` when there is no route.
     pub builder_addr: Option<IpAddr>,
+    /// Mean seconds a compile spends at this worker, when steering has measured it
+    /// ([`crate::pace`]); compared with the other workers' to leave stragglers out.
+    pub mean_job_secs: Option<f64>,
 }
 
 /// Choices that are the operator's, not the workers'.
@@ -95,9 +99,15 @@ pub struct HostList {
 
 impl HostList {
     pub fn compute(inputs: &[WorkerInput<'_>], local: &[LocalCompiler], policy: &Policy) -> Self {
+        let fastest = inputs
+            .iter()
+            .filter(|i| i.status.is_ok())
+            .filter_map(|i| i.mean_job_secs)
+            .filter(|m| *m > 0.0)
+            .min_by(f64::total_cmp);
         let workers = inputs
             .iter()
-            .map(|input| match decide(input, local, policy) {
+            .map(|input| match decide(input, local, policy, fastest) {
                 Ok((entry, warnings)) => WorkerVerdict {
                     endpoint: input.endpoint.to_owned(),
                     entry: Some(entry),
@@ -206,6 +216,7 @@ fn decide(
     input: &WorkerInput<'_>,
     local: &[LocalCompiler],
     policy: &Policy,
+    fastest_job_secs: Option<f64>,
 ) -> Result<(HostEntry, Vec<String>), String> {
     let status = input
         .status
@@ -264,6 +275,23 @@ fn decide(
             ));
             share
         }
+    };
+    let slots = match (input.mean_job_secs, fastest_job_secs) {
+        (Some(mean), Some(fastest)) => match slow_share(slots, mean, fastest) {
+            share if share == slots => slots,
+            0 => {
+                return Err(format!(
+                    "slow: compiles take {mean:.1} s here, {fastest:.1} s on the fastest worker"
+                ));
+            }
+            share => {
+                warnings.push(format!(
+                    "slow: compiles take {mean:.1} s here, {fastest:.1} s on the fastest worker; using {share} of {slots} slots"
+                ));
+                share
+            }
+        },
+        _ => slots,
     };
     let lzo = !is_loopback_host(&host);
     Ok((
@@ -468,6 +496,7 @@ mod tests {
             endpoint,
             status: Ok(status),
             builder_addr: builder(),
+            mean_job_secs: None,
         }
     }
 
@@ -518,6 +547,7 @@ mod tests {
                 endpoint: "198.18.3.11:3634",
                 status: Err("connect: timed out"),
                 builder_addr: builder(),
+                mean_job_secs: None,
             },
             input("198.18.3.12:3634", &stopped),
             input("198.18.3.13:3634", &narrow),
@@ -586,6 +616,51 @@ mod tests {
         cold.compilers[0].fingerprint.clear();
         let list = HostList::compute(&[input("w:3634", &cold)], &local(), &policy());
         assert!(reason(&list, "w:3634").contains("not described yet"));
+    }
+
+    #[test]
+    fn stragglers_get_fewer_slots_or_none() {
+        let status = healthy(3);
+        let paced = |endpoint: &'static str, mean: Option<f64>| WorkerInput {
+            mean_job_secs: mean,
+            ..input(endpoint, &status)
+        };
+        let list = HostList::compute(
+            &[
+                paced("198.18.3.11:3634", Some(1.0)),
+                paced("198.18.3.12:3634", Some(1.8)),
+                paced("198.18.3.13:3634", Some(6.0)),
+                paced("198.18.3.14:3634", Some(3.2)),
+                paced("198.18.3.15:3634", None),
+            ],
+            &local(),
+            &policy(),
+        );
+        let slots: Vec<u32> = list
+            .workers
+            .iter()
+            .map(|w| w.entry.as_ref().map_or(0, |e| e.slots))
+            .collect();
+        assert_eq!(slots, [3, 3, 0, 0, 3]);
+        assert_eq!(
+            reason(&list, "198.18.3.13:3634"),
+            "slow: compiles take 6.0 s here, 1.0 s on the fastest worker"
+        );
+        // 3.2 times as slow: floor(3 / 3.2) = 0 as well; with 4 slots it keeps one.
+        let four = healthy(4);
+        let list = HostList::compute(
+            &[
+                paced("198.18.3.11:3634", Some(1.0)),
+                WorkerInput {
+                    mean_job_secs: Some(3.2),
+                    ..input("198.18.3.14:3634", &four)
+                },
+            ],
+            &local(),
+            &policy(),
+        );
+        assert_eq!(list.workers[1].entry.as_ref().unwrap().slots, 1);
+        assert!(list.workers[1].warnings[0].contains("using 1 of 4 slots"));
     }
 
     #[test]

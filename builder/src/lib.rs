@@ -10,6 +10,7 @@ pub mod failover;
 pub mod host_list;
 pub mod local;
 pub mod ops;
+pub mod pace;
 pub mod session;
 pub mod state_files;
 pub mod steer;

@@ -14,7 +14,10 @@ use tokio::sync::mpsc;
 use crate::cluster::{Client, Probe, connect, host_list, source_address, status_text};
 use crate::config::AgentAccess;
 use crate::failover::{PortCheck, check_port, cut_connections};
-use crate::host_list::{HostEntry, HostList, LocalCompiler, Policy, write_atomically};
+use crate::host_list::{
+    HostEntry, HostList, LocalCompiler, Policy, WorkerInput, write_atomically,
+};
+use crate::pace::PaceTracker;
 
 /// How the session follows the workers.
 #[derive(Debug, Clone)]
@@ -29,7 +32,8 @@ pub struct SteeringConfig {
     pub policy: Policy,
     pub hosts_file: PathBuf,
     /// Abort this builder's connections to a worker confirmed lost (see
-    /// [`crate::failover`]), so compiles in flight there fall back to local ones at once.
+    /// [`crate::failover`]) or just judged slow (see [`crate::pace`]), so compiles in
+    /// flight there fall back to local ones at once.
     pub cut_lost_connections: bool,
 }
 
@@ -60,6 +64,15 @@ pub enum SteeringEvent<'a> {
         /// How many connections `ss` aborted, or why it could not.
         result: &'a Result<usize, String>,
     },
+    /// A worker was judged slow (see [`crate::pace`]) and this builder's connections to
+    /// it aborted, so its compiles in flight are redone locally instead of waited for.
+    SlowCut {
+        endpoint: &'a str,
+        distccd: SocketAddr,
+        /// Why it counts as slow.
+        reason: &'a str,
+        result: &'a Result<usize, String>,
+    },
 }
 
 impl SteeringEvent<'_> {
@@ -79,6 +92,19 @@ impl SteeringEvent<'_> {
                 ),
                 Err(e) => format!(
                     "{endpoint}: lost ({stream}; distcc port {distccd}: {port}): could not abort its connections: {e}"
+                ),
+            }],
+            SteeringEvent::SlowCut {
+                endpoint,
+                distccd,
+                reason,
+                result,
+            } => vec![match result {
+                Ok(n) => format!(
+                    "{endpoint}: {reason}: aborted {n} connections to {distccd} (their compiles are redone here)"
+                ),
+                Err(e) => format!(
+                    "{endpoint}: {reason}: could not abort the connections to {distccd}: {e}"
                 ),
             }],
         }
@@ -104,6 +130,7 @@ pub async fn steer(
     let config = Arc::new(config);
     let (updates, mut received) = mpsc::channel::<(usize, Probe)>(64);
     let (cut_done, mut cuts) = mpsc::channel::<Cut>(16);
+    let (slow_done, mut slow_cuts) = mpsc::channel::<SlowCut>(16);
     let followers: Vec<_> = probes
         .iter()
         .enumerate()
@@ -120,6 +147,8 @@ pub async fn steer(
     let _abort = AbortOnDrop(followers);
     drop(updates);
     let mut current = host_list(&probes, &config.local, &config.policy);
+    // How fast each worker turns compiles around, to leave stragglers out.
+    let mut paces = vec![PaceTracker::default(); probes.len()];
     let mut written = current.render();
     // Where each worker's distccd was last seen serving: what to cut if it is lost.
     let mut last_entries: Vec<Option<HostEntry>> =
@@ -150,6 +179,15 @@ pub async fn steer(
                 }
                 continue;
             }
+            Some(cut) = slow_cuts.recv() => {
+                report(SteeringEvent::SlowCut {
+                    endpoint: &probes[cut.index].endpoint,
+                    distccd: cut.distccd,
+                    reason: &cut.reason,
+                    result: &cut.result,
+                });
+                continue;
+            }
         };
         let mut batch = vec![(index, probe)];
         // Drain what else is queued: one rewrite for a burst of updates.
@@ -174,9 +212,26 @@ pub async fn steer(
             } else {
                 loss_reported[index] = false;
             }
+            if let Ok(status) = &probe.status {
+                paces[index].observe(status);
+            }
             probes[index] = probe;
         }
-        let next = host_list(&probes, &config.local, &config.policy);
+        let next = paced_host_list(&probes, &paces, &config);
+        if config.cut_lost_connections {
+            for (index, (was, now)) in current.workers.iter().zip(&next.workers).enumerate() {
+                if let (Some(entry), Some(reason)) = (&was.entry, &now.excluded_reason)
+                    && reason.starts_with("slow:")
+                {
+                    tokio::spawn(cut_slow(
+                        index,
+                        entry.clone(),
+                        reason.clone(),
+                        slow_done.clone(),
+                    ));
+                }
+            }
+        }
         for (last, verdict) in last_entries.iter_mut().zip(&next.workers) {
             if verdict.entry.is_some() {
                 last.clone_from(&verdict.entry);
@@ -203,6 +258,22 @@ pub async fn steer(
     // No worker configured: nothing to follow, but the caller's select! must not see an
     // end (a finished future must not be polled again).
     std::future::pending::<()>().await;
+}
+
+/// The host list with each worker's measured pace (see [`crate::pace`]).
+fn paced_host_list(probes: &[Probe], paces: &[PaceTracker], config: &SteeringConfig) -> HostList {
+    let now_usec = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let inputs: Vec<WorkerInput<'_>> = probes
+        .iter()
+        .zip(paces)
+        .map(|(probe, pace)| WorkerInput {
+            mean_job_secs: pace.mean_job_secs(now_usec),
+            ..probe.input()
+        })
+        .collect();
+    HostList::compute(&inputs, &config.local, &config.policy)
 }
 
 fn port_text(check: &PortCheck) -> String {
@@ -251,6 +322,36 @@ async fn confirm_and_cut(
             distccd,
             stream,
             port,
+            result,
+        })
+        .await;
+}
+
+/// The outcome of aborting the connections to a worker judged slow.
+struct SlowCut {
+    index: usize,
+    distccd: SocketAddr,
+    reason: String,
+    result: Result<usize, String>,
+}
+
+/// A worker just left the host list as slow: abort this builder's connections to it, so
+/// the compiles in flight there fail over to local ones (as for a lost worker) instead of
+/// holding the build back. The worker itself is fine; it only finishes late.
+async fn cut_slow(index: usize, entry: HostEntry, reason: String, done: mpsc::Sender<SlowCut>) {
+    let Some(distccd) = tokio::net::lookup_host((entry.host.as_str(), entry.port))
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+    else {
+        return;
+    };
+    let result = cut_connections(distccd).await.map_err(|e| e.to_string());
+    let _ = done
+        .send(SlowCut {
+            index,
+            distccd,
+            reason,
             result,
         })
         .await;

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Builder, boot_cluster, eventually, text};
-use distcc_testbed::{Rootfs, Testbed};
+use distcc_testbed::{CpuQuota, Rootfs, Testbed};
 
 /// Translation units of the project, and functions in each: about 0.5 s of gcc -O2 per
 /// unit alone; the distributed build (11 compiles sharing this project's 2 cores) lasts
@@ -58,7 +58,7 @@ fn write_slow_project(dir: &Path) {
     std::fs::write(
         dir.join("Makefile"),
         format!(
-            "prog: {objs}\n\tgcc -o $@ $^\n%.o: %.c\n\t$(CC) -O2 -c $< -o $@\n",
+            "prog: {objs}\n\tgcc -o $@ $^\n%.o: %.c\n\t$(CC) -O2 -c $< -o $@\nclean:\n\trm -f prog *.o\n",
             objs = objects.join(" ")
         ),
     )
@@ -235,5 +235,69 @@ fn a_worker_lost_mid_build_fails_over_at_once_with_identical_objects() {
         "build {:?} in all, {built_after:?} after the cut, w2 dropped {dropped_after:?} after it, \
          {aborted} connections aborted, w2 back {back_after:?} after the cut",
         built_at.duration_since(started)
+    );
+}
+
+#[test]
+fn a_throttled_worker_leaves_the_session_as_slow_and_the_build_stays_correct() {
+    Rootfs::ensure().expect("test-bed root filesystem");
+    let bed = Testbed::create().expect("test-bed network");
+    let workers = boot_cluster(&bed);
+    let endpoints: Vec<String> = workers.iter().map(|w| format!("{}:3634", w.ip())).collect();
+    let builder = Builder::new(&endpoints, None);
+    let source = builder.dir.path().join("project");
+    write_slow_project(&source);
+    let marks = builder.dir.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let w3 = workers[2].ip().to_string();
+    // w3's distccd (and the compilers it starts) get 10% of one CPU: its compiles take
+    // many times as long as the others'.
+    let _quota = CpuQuota::apply(&workers[2], "distccd", 10).unwrap();
+
+    // Twice the project, so the session sees enough compiles finish on w3 to judge it.
+    let script = format!(
+        "set -e\n\
+         for round in 1 2; do cp {src}/* .; make -s -j\"$DISTCC_SLOTS\" CC=\"$CC\"; ./prog > {m}/output; make -s clean; done\n\
+         cp \"$DISTCC_DIR/steering.log\" {m}/steering.log\n",
+        m = marks.display(),
+        src = source.display(),
+    );
+    let out = builder
+        .command(&["enter", "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "session: {}", text(&out));
+    let log = std::fs::read_to_string(marks.join("steering.log")).unwrap();
+    eprintln!("steering log:\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("{w3}:3634: out, slow: compiles take"))),
+        "w3 was never judged slow:\n{log}"
+    );
+    // Its compiles in flight were taken back rather than waited for.
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("{w3}:3634: slow: ")) && l.contains(": aborted ")),
+        "the session did not abort its connections to w3:\n{log}"
+    );
+    for fast in [&workers[0], &workers[1]] {
+        assert!(
+            !log.contains(&format!("{}:3634: out", fast.ip())),
+            "a healthy worker was left out:\n{log}"
+        );
+    }
+    let reference = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && make -s -j2 CC=gcc && ./prog",
+            source.display()
+        ))
+        .env_remove("DISTCC_HOSTS")
+        .output()
+        .unwrap();
+    assert!(reference.status.success(), "{}", text(&reference));
+    assert_eq!(
+        std::fs::read_to_string(marks.join("output")).unwrap(),
+        String::from_utf8_lossy(&reference.stdout)
     );
 }

@@ -1,0 +1,224 @@
+//! How long a worker takes to turn a compile around, from its status stream alone.
+//!
+//! Little's law: over a window, the mean time a compile spends at distccd (queued or
+//! running) is the compiles in flight integrated over time, divided by the compiles
+//! finished. The agent reports both (`jobs_running`, and distccd's `compile_ok` +
+//! `compile_error` counters) with the time it took them, so the builder needs nothing
+//! from the compiles themselves. The compiles still in flight at the end of the window
+//! are counted as if they had just finished: that keeps the estimate a lower bound, and
+//! it is what judges a worker so slow that nothing finishes there at all within the
+//! window (the worst case, which a ratio of finished compiles alone would never see). One worker's mean is compared with the others': a worker
+//! whose compiles take several times as long (a slower or throttled CPU, another tenant)
+//! gets fewer slots or none, so a build does not wait on its stragglers.
+//!
+//! Means are compared only between workers fed by the same builds, so the size of the
+//! translation units cancels out; a single slow compile cannot trigger it (at least
+//! [`MIN_FINISHED`] compiles in the window).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use distcc_proto::v1 as pb;
+
+/// How much history one estimate uses.
+pub const WINDOW: Duration = Duration::from_secs(20);
+/// Compiles that must finish within the window, or still be in flight at its end, for
+/// an estimate.
+pub const MIN_FINISHED: u64 = 3;
+/// The shortest history an estimate uses.
+pub const MIN_SPAN: Duration = Duration::from_secs(5);
+/// How long an estimate stands when no newer one can be made (a worker left out for
+/// being slow finishes no compiles): afterwards it is given work again and measured anew.
+pub const HOLD: Duration = Duration::from_secs(60);
+/// A worker counts as slow when its mean is at least this many times the fastest's.
+pub const SLOW_RATIO: f64 = 3.0;
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// When the agent took it, microseconds since the epoch.
+    at_usec: u64,
+    finished: u64,
+    running: u32,
+}
+
+/// A worker's recent statuses and its last estimate.
+#[derive(Debug, Default, Clone)]
+pub struct PaceTracker {
+    samples: VecDeque<Sample>,
+    /// (taken at, mean seconds per compile).
+    estimate: Option<(u64, f64)>,
+}
+
+impl PaceTracker {
+    /// Add a status; statuses without stats, or older than the last one, are ignored.
+    pub fn observe(&mut self, status: &pb::WorkerStatus) {
+        let Some(stats) = status.stats.as_ref().filter(|s| s.available) else {
+            return;
+        };
+        let sample = Sample {
+            at_usec: status.taken_at_usec,
+            finished: stats.compile_ok + stats.compile_error,
+            running: stats.jobs_running,
+        };
+        if let Some(last) = self.samples.back() {
+            if sample.at_usec <= last.at_usec {
+                return;
+            }
+            // distccd restarted: its counters start again from zero.
+            if sample.finished < last.finished {
+                self.samples.clear();
+            }
+        }
+        self.samples.push_back(sample);
+        let window = micros(WINDOW);
+        while self
+            .samples
+            .front()
+            .is_some_and(|s| sample.at_usec - s.at_usec > window)
+        {
+            self.samples.pop_front();
+        }
+        if let Some(mean) = little(&self.samples) {
+            self.estimate = Some((sample.at_usec, mean));
+        }
+    }
+
+    /// Mean seconds a compile spends at this worker, as of `now_usec`; None when there is
+    /// no estimate younger than [`HOLD`].
+    pub fn mean_job_secs(&self, now_usec: u64) -> Option<f64> {
+        self.estimate
+            .filter(|(at, _)| now_usec.saturating_sub(*at) <= micros(HOLD))
+            .map(|(_, mean)| mean)
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Little's law over the samples: ∫ running dt / (finished + still running).
+fn little(samples: &VecDeque<Sample>) -> Option<f64> {
+    let (first, last) = (samples.front()?, samples.back()?);
+    if last.at_usec - first.at_usec < micros(MIN_SPAN) {
+        return None;
+    }
+    let finished = last.finished - first.finished + u64::from(last.running);
+    if finished < MIN_FINISHED {
+        return None;
+    }
+    let busy_secs: f64 = samples
+        .iter()
+        .zip(samples.iter().skip(1))
+        .map(|(a, b)| {
+            // The count at each end, averaged: the agent samples, it does not integrate.
+            let dt = (b.at_usec - a.at_usec) as f64 / 1e6;
+            dt * f64::from(a.running + b.running) / 2.0
+        })
+        .sum();
+    Some(busy_secs / finished as f64)
+}
+
+/// The slots to give a worker whose compiles take `mean` seconds when the fastest
+/// worker's take `fastest`: all of them below [`SLOW_RATIO`], else `slots / ratio`
+/// rounded down (0: leave it out).
+pub fn slow_share(slots: u32, mean: f64, fastest: f64) -> u32 {
+    // Also catches NaN: an estimate that cannot be compared changes nothing.
+    if !(fastest.is_finite() && mean.is_finite() && fastest > 0.0 && mean > 0.0) {
+        return slots;
+    }
+    let ratio = mean / fastest;
+    if ratio < SLOW_RATIO {
+        slots
+    } else {
+        (f64::from(slots) / ratio).floor() as u32
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn status(at_secs: f64, ok: u64, running: u32) -> pb::WorkerStatus {
+        pb::WorkerStatus {
+            taken_at_usec: (at_secs * 1e6) as u64,
+            stats: Some(pb::DistccdStats {
+                available: true,
+                compile_ok: ok,
+                jobs_running: running,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn steady_state_gives_the_job_time() {
+        // 3 compiles always in flight, one finishing every second: each takes 3 s; the
+        // estimate counts the 3 in flight as finished, a slight underestimate.
+        let mut t = PaceTracker::default();
+        for i in 0..21u32 {
+            t.observe(&status(f64::from(i), u64::from(i), 3));
+        }
+        let mean = t.mean_job_secs(20_000_000).unwrap();
+        assert!((mean - 60.0 / 23.0).abs() < 1e-9, "{mean}");
+    }
+
+    #[test]
+    fn too_few_compiles_give_no_estimate_and_the_window_slides() {
+        let mut t = PaceTracker::default();
+        t.observe(&status(0.0, 0, 1));
+        t.observe(&status(4.0, 1, 1));
+        assert_eq!(t.mean_job_secs(4_000_000), None, "4 s of history is too short");
+        t.observe(&status(6.0, 1, 1));
+        assert_eq!(t.mean_job_secs(6_000_000), None, "2 compiles are not enough");
+        t.observe(&status(7.0, 2, 1));
+        assert!(t.mean_job_secs(7_000_000).is_some());
+        // Samples older than the window drop out: later, one compile in flight finishing
+        // every 4 s means 4 s per compile.
+        for i in 0..=40u32 {
+            t.observe(&status(3.0 + f64::from(i), 3 + u64::from(i / 4), 1));
+        }
+        let mean = t.mean_job_secs(43_000_000).unwrap();
+        assert!((3.0..=4.5).contains(&mean), "{mean}: 4 s, a little under");
+    }
+
+    #[test]
+    fn estimates_expire_after_hold_and_restarts_reset() {
+        let mut t = PaceTracker::default();
+        for i in 0..6u32 {
+            t.observe(&status(f64::from(i), u64::from(i), 1));
+        }
+        assert!(t.mean_job_secs(5_000_000).is_some());
+        assert!(t.mean_job_secs(5_000_000 + micros(HOLD)).is_some());
+        assert_eq!(t.mean_job_secs(6_000_000 + micros(HOLD)), None);
+        // distccd restarted: counters from zero, no negative rates.
+        t.observe(&status(6.0, 0, 0));
+        t.observe(&status(7.0, 1, 0));
+        assert_eq!(t.samples.len(), 2);
+        // Out-of-order statuses are ignored.
+        t.observe(&status(6.5, 7, 9));
+        assert_eq!(t.samples.len(), 2);
+    }
+
+    #[test]
+    fn a_worker_that_finishes_nothing_is_judged_by_what_it_holds() {
+        // 3 compiles in flight for 20 s, none finished: at least 20 s each.
+        let mut stuck = PaceTracker::default();
+        for i in 0..=20u32 {
+            stuck.observe(&status(f64::from(i), 5, 3));
+        }
+        let mean = stuck.mean_job_secs(20_000_000).unwrap();
+        assert!((mean - 20.0).abs() < 1e-9, "{mean}");
+        assert_eq!(slow_share(3, mean, 2.0), 0);
+    }
+
+    #[test]
+    fn slow_share_cuts_only_clear_stragglers() {
+        assert_eq!(slow_share(3, 2.0, 1.0), 3, "twice as slow: noise, keep");
+        assert_eq!(slow_share(3, 3.0, 1.0), 1);
+        assert_eq!(slow_share(4, 3.5, 1.0), 1);
+        assert_eq!(slow_share(3, 5.0, 1.0), 0, "five times as slow: out");
+        assert_eq!(slow_share(3, 5.0, 0.0), 3, "no baseline: keep");
+    }
+}
