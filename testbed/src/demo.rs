@@ -12,7 +12,6 @@ use distcc_testbed::{AGENT_PORT, REPO_IN_WORKER, Testbed, Worker, WorkerSpec};
 
 const WORKERS: [&str; 3] = ["w1", "w2", "w3"];
 const SLOTS_PER_WORKER: u32 = 2;
-const KERNEL_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// The same token on every worker, as an operator would distribute it.
 const DEMO_TOKEN: &str = "demo-token-0123456789abcdef0123456789";
 
@@ -81,7 +80,7 @@ pub fn run(repo: &Path, quick: bool) -> Result<()> {
             ),
         ])?
     } else {
-        let source = kernel_source(&cache)?;
+        let source = distcc_testbed::kernel_source()?;
         step("builderctl enter -- make tinyconfig && make: Linux 6.1 through the cluster");
         builder(&[
             "enter",
@@ -165,30 +164,6 @@ fn write_builder_config(dir: &Path, workers: &[Worker]) -> Result<PathBuf> {
         ),
     )?;
     Ok(path)
-}
-
-/// Debian's linux-source-6.1, unpacked once into the cache; builds go out of tree.
-fn kernel_source(cache: &Path) -> Result<PathBuf> {
-    let source = cache.join("linux-source-6.1");
-    if source.join("Makefile").exists() {
-        return Ok(source);
-    }
-    step("unpacking linux-source-6.1 (once)");
-    ensure!(
-        Path::new(KERNEL_TARBALL).exists(),
-        "{KERNEL_TARBALL} is missing: apt-get install linux-source-6.1"
-    );
-    let partial = cache.join("linux-source-6.1.partial");
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial)?;
-    let status = Command::new("tar")
-        .args(["xf", KERNEL_TARBALL, "--strip-components=1", "-C"])
-        .arg(&partial)
-        .status()
-        .context("running tar")?;
-    ensure!(status.success(), "unpacking {KERNEL_TARBALL} failed");
-    std::fs::rename(&partial, &source)?;
-    Ok(source)
 }
 
 /// A small C program of many translation units and a Makefile (for `--quick`).

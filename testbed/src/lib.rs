@@ -28,6 +28,8 @@
 
 mod agent;
 mod cmd;
+mod cpu;
+mod kernel;
 mod packages;
 mod pki;
 mod rootfs;
@@ -37,13 +39,15 @@ mod testbed;
 use anyhow::{Result, bail};
 
 pub use agent::{AGENT_PORT, AgentInstall, TEST_TOKEN, agent_config};
+pub use cpu::CpuQuota;
+pub use kernel::{KERNEL_TARBALL, REPRODUCIBLE_BUILD_ENV, kernel_source};
 pub use packages::{REPO_IN_WORKER, build_repository};
 pub use pki::{CertifiedKey, TestPki};
 pub use rootfs::{
     BASE_PACKAGES, CACHE_ENV, DEFAULT_CACHE_DIR, DEFAULT_MIRROR, EXTRA_PACKAGES, MIRROR_ENV,
     ROOTFS_VERSION, Rootfs, SUITE, cache_dir,
 };
-pub use testbed::{EXEC_TIMEOUT, Testbed, Worker, WorkerSpec};
+pub use testbed::{BareHost, EXEC_TIMEOUT, Testbed, Worker, WorkerSpec};
 
 /// Deletes every leftover testbed object on this host (containers, network namespaces,
 /// veths, bridges, owner records) whose owning process is gone. Testbeds of live

@@ -260,7 +260,7 @@ impl Testbed {
         let worker = Worker { inner };
         worker
             .inner
-            .setup_network(bed)
+            .setup_network(bed.index)
             .with_context(|| format!("cannot set up the network of worker {}", spec.name))?;
         worker
             .inner
@@ -271,6 +271,26 @@ impl Testbed {
             ms = started.elapsed().as_millis() as u64, "worker running"
         );
         Ok(worker)
+    }
+
+    /// A network namespace on the bridge with no container in it (address and names as a
+    /// worker's): for programs that must run on the host's filesystem but see only the
+    /// test-bed's network, e.g. daemons that announce themselves by broadcast.
+    pub fn add_bare_host(&self, name: &str) -> Result<BareHost> {
+        let bed = &self.inner;
+        validate_name(name)?;
+        ensure!(!*lock(&bed.shut_down), "testbed {} is shut down", bed.index);
+        let k = lock(&bed.names).take(name, bed.index)?;
+        let host = BareHost {
+            name: name.to_owned(),
+            ip: Ipv4Addr::new(198, 18, bed.index, 10 + k),
+            netns: sweep::ns_name(bed.index, name),
+            veth: sweep::veth_name(bed.index, k),
+            bed: Arc::downgrade(&self.inner),
+        };
+        setup_network(bed.index, &host.netns, &host.veth, host.ip)
+            .with_context(|| format!("cannot set up the network of bare host {name}"))?;
+        Ok(host)
     }
 
     /// This testbed's index N (1..=250): its network is 198.18.N.0/24.
@@ -424,32 +444,50 @@ fn ip(args: &[&str]) -> Result<()> {
     run_ok(Command::new("ip").args(args), IP_TIMEOUT).map(drop)
 }
 
+/// A network namespace `ns` with `eth0` at `addr`/24, joined to testbed `index`'s bridge
+/// by the veth `veth`.
+fn setup_network(index: u8, ns: &str, veth: &str, addr: Ipv4Addr) -> Result<()> {
+    ip(&["netns", "add", ns])?;
+    ip(&[
+        "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    ip(&[
+        "link",
+        "set",
+        veth,
+        "master",
+        &sweep::bridge_name(index),
+        "up",
+    ])?;
+    ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])
+}
+
+/// Kills whatever still runs in `ns` (it would keep the namespace alive), then deletes
+/// the veth and the namespace.
+fn teardown_network(ns: &str, veth: &str) -> Result<()> {
+    let strays: Vec<i32> = {
+        let path = sweep::netns_path(ns);
+        if path.exists() {
+            sweep::pids_in_netns(&path)
+        } else {
+            Vec::new()
+        }
+    };
+    for &p in &strays {
+        sweep::sigkill(p);
+    }
+    sweep::wait_gone(&strays, Duration::from_secs(5));
+    // The veth first: deleting it removes its peer synchronously, whereas a namespace's
+    // interfaces are released asynchronously after the namespace is gone.
+    sweep::delete_link(veth)?;
+    sweep::delete_netns(ns)
+}
+
 impl WorkerInner {
-    fn setup_network(&self, bed: &BedInner) -> Result<()> {
-        let ns = self.netns.as_str();
-        ip(&["netns", "add", ns])?;
-        ip(&[
-            "link", "add", &self.veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
-        ])?;
-        ip(&[
-            "link",
-            "set",
-            &self.veth,
-            "master",
-            &sweep::bridge_name(bed.index),
-            "up",
-        ])?;
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/24", self.ip),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", ns, "link", "set", "lo", "up"])
+    fn setup_network(&self, index: u8) -> Result<()> {
+        setup_network(index, &self.netns, &self.veth, self.ip)
     }
 
     fn boot(&self, bed: &BedInner, spec: &WorkerSpec) -> Result<()> {
@@ -708,23 +746,7 @@ impl WorkerInner {
     }
 
     fn teardown_network(&self) -> Result<()> {
-        // Anything still in the namespace (an `ip netns exec` of a test) would keep it alive.
-        let strays: Vec<i32> = {
-            let path = sweep::netns_path(&self.netns);
-            if path.exists() {
-                sweep::pids_in_netns(&path)
-            } else {
-                Vec::new()
-            }
-        };
-        for &p in &strays {
-            sweep::sigkill(p);
-        }
-        sweep::wait_gone(&strays, Duration::from_secs(5));
-        // The veth first: deleting it removes its peer synchronously, whereas a namespace's
-        // interfaces are released asynchronously after the namespace is gone.
-        sweep::delete_link(&self.veth)?;
-        sweep::delete_netns(&self.netns)?;
+        teardown_network(&self.netns, &self.veth)?;
         // nspawn removes it on a clean exit, not when killed.
         sweep::remove_propagate_dir(&self.netns);
         Ok(())
@@ -823,6 +845,26 @@ impl Worker {
         })
     }
 
+    /// Host PIDs of the processes named `comm` (as in /proc/PID/comm) in this worker.
+    pub fn host_pids_of(&self, comm: &str) -> Result<Vec<u32>> {
+        let ns = fs::read_link(format!("/proc/{}/ns/pid", self.pid1()))
+            .with_context(|| format!("worker {} is not running", self.inner.name))?;
+        let mut pids = Vec::new();
+        for entry in fs::read_dir("/proc")? {
+            let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let same_ns = fs::read_link(format!("/proc/{pid}/ns/pid")).is_ok_and(|l| l == ns);
+            if same_ns
+                && fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|name| name.trim_end() == comm)
+            {
+                pids.push(pid);
+            }
+        }
+        Ok(pids)
+    }
+
     /// The last `lines` journal lines of `unit`, for assertions and failure messages.
     /// Never fails: an error is returned as text.
     pub fn journal(&self, unit: &str, lines: usize) -> String {
@@ -858,6 +900,43 @@ impl Drop for Worker {
     fn drop(&mut self) {
         if let Err(e) = self.inner.stop() {
             warn!(worker = self.inner.name, "stopping: {e:#}");
+        }
+    }
+}
+
+/// A network namespace on a testbed's bridge without a container (see
+/// [`Testbed::add_bare_host`]). Dropping it kills what still runs in it and deletes the
+/// namespace and veth.
+pub struct BareHost {
+    name: String,
+    ip: Ipv4Addr,
+    netns: String,
+    veth: String,
+    bed: Weak<BedInner>,
+}
+
+impl BareHost {
+    /// 198.18.N.(10+k), like a worker's.
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// `program` to run in this namespace (`ip netns exec NS program`), on the host's
+    /// filesystem.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for BareHost {
+    fn drop(&mut self) {
+        if let Err(e) = teardown_network(&self.netns, &self.veth) {
+            warn!("bare host {}: {e:#}", self.name);
+        }
+        if let Some(bed) = self.bed.upgrade() {
+            lock(&bed.names).release(&self.name);
         }
     }
 }
