@@ -105,7 +105,7 @@ impl Table {
 }
 
 /// "Measured 2026-11-22 01:23 UTC at 8978574 (+ uncommitted changes)".
-fn run_stamp(bench: &Bench) -> String {
+pub fn run_stamp(bench: &Bench) -> String {
     let out = |cmd: &mut Command| {
         cmd.output()
             .ok()
@@ -149,7 +149,7 @@ fn fmt_ms(v: f64) -> String {
     }
 }
 
-fn ratio(ours: f64, baseline: f64) -> String {
+pub fn ratio(ours: f64, baseline: f64) -> String {
     if baseline > 0.0 && ours > 0.0 {
         let r = ours / baseline;
         if r < 0.1 {
@@ -206,13 +206,13 @@ const RESET_PLAYBOOK: &str = r#"# The old way: restart distccd and wait for its 
 /// A worker cut off silently: its link down and a permanent neighbour entry for it on the
 /// bridge, so connects time out every time (as to a dead host behind a router) instead of
 /// failing with "No route to host" once ARP gives up on it. Undone on drop.
-struct LinkGuard<'a> {
+pub struct LinkGuard<'a> {
     worker: &'a Worker,
     bridge: String,
 }
 
 impl<'a> LinkGuard<'a> {
-    fn cut(worker: &'a Worker, bridge: String) -> Result<LinkGuard<'a>> {
+    pub fn cut(worker: &'a Worker, bridge: String) -> Result<LinkGuard<'a>> {
         let mac = worker.exec_ok(&["cat", "/sys/class/net/eth0/address"])?;
         let guard = LinkGuard { worker, bridge };
         let ip = worker.ip().to_string();

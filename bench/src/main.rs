@@ -6,8 +6,10 @@
 //! Run it through `bench/run` (root): that script installs Ansible, builds the release
 //! binaries and passes its arguments here. Not run by CI.
 
+mod builds;
 mod cases;
 mod doc;
+mod icecream;
 mod run;
 
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use distcc_testbed::{AgentInstall, Rootfs, Testbed, Worker, agent_config};
 /// Extra packages the workers need for the Ansible baseline (case 1).
 const SSH_PACKAGES: &[&str] = &["openssh-server", "python3"];
 
-/// Benchmark cases. 5 (kernel builds) and 6 (icecream) are planned, not implemented.
+/// Benchmark cases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Case {
     /// 1: builderctl status/reset against ansible-playbook over SSH.
@@ -30,9 +32,9 @@ pub enum Case {
     Enter,
     /// 4: agent idle RSS/CPU and Status RPC latency/throughput.
     Footprint,
-    /// 5: kernel builds, raw distcc against builderctl enter (later).
+    /// 5: kernel builds, raw distcc against builderctl enter.
     Builds,
-    /// 6: icecream as the peer (later).
+    /// 6: the same builds with icecream as the peer.
     Icecream,
 }
 
@@ -64,10 +66,28 @@ impl Case {
 #[derive(Debug, Parser)]
 #[command(about = "The distcc cluster benchmark suite (issue 5). Needs root; use bench/run.")]
 pub struct Args {
-    /// Cases to run, comma-separated (1 fleet vs Ansible, 2 fan-out, 3 enter, 4 agent
-    /// footprint; 5 builds and 6 icecream are not implemented yet).
+    /// Cases to run, comma-separated: 1 fleet vs Ansible, 2 fan-out, 3 enter, 4 agent
+    /// footprint (about 12 minutes together); 5 kernel builds vs raw distcc, 6 vs
+    /// icecream (about 100 minutes together).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     pub cases: Vec<u32>,
+    /// Paired repeats of every build of cases 5 and 6.
+    #[arg(long, default_value_t = 3)]
+    pub build_repeats: usize,
+    /// A build still running after this many seconds is killed and not repeated.
+    #[arg(long, default_value_t = 600)]
+    pub build_limit_secs: u64,
+    /// Scenarios of cases 5 and 6, comma-separated (default all: healthy,dead,slow,lost).
+    #[arg(long, value_delimiter = ',')]
+    pub scenarios: Option<Vec<String>>,
+    /// Run the local `make -j2` reference once per repeat (its vmlinux is the one every
+    /// build must reproduce).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub local_reference: bool,
+    /// `local_slots` of the builderctl configuration in cases 5 and 6 (default: the
+    /// builder's own default, 2).
+    #[arg(long)]
+    pub local_slots: Option<u32>,
     /// Pairs of runs for the fast cases (2, 3 and the RPC rounds of 4).
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
@@ -178,21 +198,12 @@ fn main() -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     cases.sort();
     cases.dedup();
-    if let Some(later) = cases
-        .iter()
-        .find(|c| matches!(c, Case::Builds | Case::Icecream))
-    {
-        bail!(
-            "case {} is not implemented yet (kernel builds and icecream: issue 5, a later session)",
-            later.number()
-        );
-    }
     anyhow::ensure!(
         (3..=200).contains(&args.max_workers),
         "--max-workers must be 3..=200"
     );
     anyhow::ensure!(
-        args.repeats >= 3 && args.slow_repeats >= 3,
+        args.repeats >= 3 && args.slow_repeats >= 3 && args.build_repeats >= 1,
         "at least 3 repeats"
     );
 
@@ -202,10 +213,17 @@ fn main() -> Result<()> {
     // sshd is case 1's transport and case 4's baseline (the daemon the Ansible way needs
     // on every worker).
     let with_ssh = cases.contains(&Case::Fleet) || cases.contains(&Case::Footprint);
-    let rootfs = if with_ssh {
-        Rootfs::ensure_with(SSH_PACKAGES)?
-    } else {
+    let mut packages: Vec<&str> = Vec::new();
+    if with_ssh {
+        packages.extend(SSH_PACKAGES);
+    }
+    if cases.contains(&Case::Icecream) {
+        packages.push("icecc");
+    }
+    let rootfs = if packages.is_empty() {
         Rootfs::ensure()?
+    } else {
+        Rootfs::ensure_with(&packages)?
     };
     tracing::info!(rootfs = %rootfs.path().display(), builderctl = %builderctl.display(),
         agent = %install.binary.display(), "booting the test-bed");
@@ -234,7 +252,7 @@ fn main() -> Result<()> {
             Case::Enter => cases::enter(&bench),
             Case::Fleet => cases::fleet(&bench),
             Case::Fanout => cases::fanout(&mut bench),
-            Case::Builds | Case::Icecream => unreachable!("refused above"),
+            Case::Builds | Case::Icecream => unreachable!("run below"),
         }
         .with_context(|| format!("case {}", case.number()))?;
         println!("{}", section.markdown);
@@ -244,8 +262,25 @@ fn main() -> Result<()> {
             tracing::info!(doc = %path.display(), case = case.number(), "table written");
         }
     }
+    // The builds last, on a quiet machine: the fan-out's extra workers go first.
     let extra = std::mem::take(&mut bench.extra);
     drop(extra);
+    let build_cases: Vec<Case> = cases
+        .iter()
+        .copied()
+        .filter(|c| matches!(c, Case::Builds | Case::Icecream))
+        .collect();
+    if !build_cases.is_empty() {
+        tracing::info!(cases = ?build_cases, "running the builds");
+        for (case, section) in builds::builds(&bench, &build_cases).context("the build cases")? {
+            println!("{}", section.markdown);
+            if !bench.args.no_write {
+                let path = bench.repo.join(&bench.args.doc);
+                doc::replace_section(&path, case.number(), &section.markdown)?;
+                tracing::info!(doc = %path.display(), case = case.number(), "table written");
+            }
+        }
+    }
     let workers = std::mem::take(&mut bench.workers);
     drop(workers);
     bench.bed.shutdown()?;

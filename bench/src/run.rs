@@ -99,6 +99,18 @@ impl BuilderConfig {
         })
     }
 
+    /// Adds `line` to builder.toml.
+    pub fn append(&self, line: &str) -> Result<()> {
+        use std::io::Write as _;
+        let path = self.dir.join("builder.toml");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        file.write_all(line.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.builderctl);
         command
