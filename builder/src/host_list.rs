@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::cluster::slots_of;
-use crate::pace::slow_share;
+use crate::pace::{median, slow_share};
 
 /// distccd's port when a worker does not say (it always does; old agents might not).
 const DEFAULT_DISTCCD_PORT: u16 = 3632;
@@ -99,15 +99,11 @@ pub struct HostList {
 
 impl HostList {
     pub fn compute(inputs: &[WorkerInput<'_>], local: &[LocalCompiler], policy: &Policy) -> Self {
-        let fastest = inputs
-            .iter()
-            .filter(|i| i.status.is_ok())
-            .filter_map(|i| i.mean_job_secs)
-            .filter(|m| *m > 0.0)
-            .min_by(f64::total_cmp);
         let workers = inputs
             .iter()
-            .map(|input| match decide(input, local, policy, fastest) {
+            .enumerate()
+            .map(|(i, input)| (input, others_mean_job_secs(inputs, i)))
+            .map(|(input, others)| match decide(input, local, policy, others) {
                 Ok((entry, warnings)) => WorkerVerdict {
                     endpoint: input.endpoint.to_owned(),
                     entry: Some(entry),
@@ -212,11 +208,24 @@ pub fn endpoint_host(endpoint: &str) -> &str {
         .unwrap_or(host)
 }
 
+/// The median of the other reachable workers' mean compile times: what worker `index`
+/// is compared with (see [`crate::pace`]).
+fn others_mean_job_secs(inputs: &[WorkerInput<'_>], index: usize) -> Option<f64> {
+    let mut others: Vec<f64> = inputs
+        .iter()
+        .enumerate()
+        .filter(|(j, other)| *j != index && other.status.is_ok())
+        .filter_map(|(_, other)| other.mean_job_secs)
+        .filter(|m| *m > 0.0)
+        .collect();
+    median(&mut others)
+}
+
 fn decide(
     input: &WorkerInput<'_>,
     local: &[LocalCompiler],
     policy: &Policy,
-    fastest_job_secs: Option<f64>,
+    others_job_secs: Option<f64>,
 ) -> Result<(HostEntry, Vec<String>), String> {
     let status = input
         .status
@@ -276,17 +285,17 @@ fn decide(
             share
         }
     };
-    let slots = match (input.mean_job_secs, fastest_job_secs) {
-        (Some(mean), Some(fastest)) => match slow_share(slots, mean, fastest) {
+    let slots = match (input.mean_job_secs, others_job_secs) {
+        (Some(mean), Some(others)) => match slow_share(slots, mean, others) {
             share if share == slots => slots,
             0 => {
                 return Err(format!(
-                    "slow: compiles take {mean:.1} s here, {fastest:.1} s on the fastest worker"
+                    "slow: compiles take {mean:.1} s here, {others:.1} s on the other workers"
                 ));
             }
             share => {
                 warnings.push(format!(
-                    "slow: compiles take {mean:.1} s here, {fastest:.1} s on the fastest worker; using {share} of {slots} slots"
+                    "slow: compiles take {mean:.1} s here, {others:.1} s on the other workers; using {share} of {slots} slots"
                 ));
                 share
             }
@@ -625,12 +634,14 @@ mod tests {
             mean_job_secs: mean,
             ..input(endpoint, &status)
         };
+        // One lucky worker (0.2 s: the tiny compiles) does not make the others slow; a
+        // worker at 9 times the median of the others is out.
         let list = HostList::compute(
             &[
-                paced("198.18.3.11:3634", Some(1.0)),
+                paced("198.18.3.11:3634", Some(0.2)),
                 paced("198.18.3.12:3634", Some(1.8)),
-                paced("198.18.3.13:3634", Some(6.0)),
-                paced("198.18.3.14:3634", Some(3.2)),
+                paced("198.18.3.13:3634", Some(18.0)),
+                paced("198.18.3.14:3634", Some(2.2)),
                 paced("198.18.3.15:3634", None),
             ],
             &local(),
@@ -641,26 +652,26 @@ mod tests {
             .iter()
             .map(|w| w.entry.as_ref().map_or(0, |e| e.slots))
             .collect();
-        assert_eq!(slots, [3, 3, 0, 0, 3]);
+        assert_eq!(slots, [3, 3, 0, 3, 3]);
         assert_eq!(
             reason(&list, "198.18.3.13:3634"),
-            "slow: compiles take 6.0 s here, 1.0 s on the fastest worker"
+            "slow: compiles take 18.0 s here, 1.8 s on the other workers"
         );
-        // 3.2 times as slow: floor(3 / 3.2) = 0 as well; with 4 slots it keeps one.
-        let four = healthy(4);
+        // With 16 slots, 8 times as slow keeps 2 of them.
+        let many = healthy(16);
         let list = HostList::compute(
             &[
                 paced("198.18.3.11:3634", Some(1.0)),
                 WorkerInput {
-                    mean_job_secs: Some(3.2),
-                    ..input("198.18.3.14:3634", &four)
+                    mean_job_secs: Some(8.0),
+                    ..input("198.18.3.14:3634", &many)
                 },
             ],
             &local(),
             &policy(),
         );
-        assert_eq!(list.workers[1].entry.as_ref().unwrap().slots, 1);
-        assert!(list.workers[1].warnings[0].contains("using 1 of 4 slots"));
+        assert_eq!(list.workers[1].entry.as_ref().unwrap().slots, 2);
+        assert!(list.workers[1].warnings[0].contains("using 2 of 16 slots"));
     }
 
     #[test]

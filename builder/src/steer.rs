@@ -474,8 +474,15 @@ pub fn describe_change(before: &HostList, after: &HostList) -> Vec<String> {
         .iter()
         .filter_map(|now| {
             let was = before.verdict(&now.endpoint);
-            if was.map(|w| (&w.entry, &w.excluded_reason))
-                == Some((&now.entry, &now.excluded_reason))
+            // A reason whose figures changed ("slow: compiles take 19.0 s here, 1.5 s
+            // ...") is the same decision: one line per change of kind, not per status.
+            let kind = |reason: &Option<String>| {
+                reason
+                    .as_deref()
+                    .map(|r| r.split(':').next().unwrap_or(r).to_owned())
+            };
+            if was.map(|w| (&w.entry, kind(&w.excluded_reason)))
+                == Some((&now.entry, kind(&now.excluded_reason)))
             {
                 return None;
             }
