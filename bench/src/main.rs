@@ -84,6 +84,10 @@ pub struct Args {
     /// build must reproduce).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub local_reference: bool,
+    /// Tools of cases 5 and 6, comma-separated (default all: raw, ours, icecc; icecc only
+    /// with case 6).
+    #[arg(long, value_delimiter = ',')]
+    pub tools: Option<Vec<String>>,
     /// `local_slots` of the builderctl configuration in cases 5 and 6 (default: the
     /// builder's own default, 2).
     #[arg(long)]
