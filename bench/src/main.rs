@@ -68,7 +68,7 @@ impl Case {
 pub struct Args {
     /// Cases to run, comma-separated: 1 fleet vs Ansible, 2 fan-out, 3 enter, 4 agent
     /// footprint (about 12 minutes together); 5 kernel builds vs raw distcc, 6 vs
-    /// icecream (about 100 minutes together).
+    /// icecream (about 75 minutes together).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
     pub cases: Vec<u32>,
     /// Paired repeats of every build of cases 5 and 6.
