@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail, ensure};
 use distcc_testbed::{CpuQuota, REPRODUCIBLE_BUILD_ENV, Worker};
 
-use crate::cases::{LinkGuard, Section, ratio, run_stamp};
+use crate::cases::{LinkGuard, Section, is_mounted, ratio, run_stamp};
 use crate::icecream::Icecream;
 use crate::run::{BuilderConfig, median};
 use crate::{Bench, Case};
@@ -129,7 +129,12 @@ impl Results {
                     self.mismatches.push(format!(
                         "{what}: {} objects differ ({})",
                         differ.len(),
-                        differ.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                        differ
+                            .iter()
+                            .take(5)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ));
                 }
             }
@@ -203,7 +208,7 @@ impl KernelBuild {
         let source = distcc_testbed::kernel_source()?;
         let dir = PathBuf::from(BUILD_DIR);
         std::fs::create_dir_all(&dir)?;
-        if !is_mountpoint(&dir) {
+        if !is_mounted(&dir) {
             let status = Command::new("mount")
                 .args(["-t", "tmpfs", "-o", "size=4G", "distcc-bench-kbuild"])
                 .arg(&dir)
@@ -292,9 +297,7 @@ impl KernelBuild {
                 let banner = path.starts_with("init/version")
                     || matches!(
                         path,
-                        "vmlinux.o"
-                            | "arch/x86/boot/compressed/piggy.o"
-                            | "arch/x86/boot/header.o"
+                        "vmlinux.o" | "arch/x86/boot/compressed/piggy.o" | "arch/x86/boot/header.o"
                     );
                 (!banner).then(|| (path.to_owned(), sum.to_owned()))
             })
@@ -309,13 +312,21 @@ impl KernelBuild {
 }
 
 /// Objects whose checksums differ between two builds (or that only one has).
-fn differing(reference: &BTreeMap<String, String>, build: &BTreeMap<String, String>) -> Vec<String> {
+fn differing(
+    reference: &BTreeMap<String, String>,
+    build: &BTreeMap<String, String>,
+) -> Vec<String> {
     let mut paths: Vec<String> = reference
         .iter()
         .filter(|(path, sum)| build.get(*path) != Some(*sum))
         .map(|(path, _)| path.clone())
         .collect();
-    paths.extend(build.keys().filter(|p| !reference.contains_key(*p)).cloned());
+    paths.extend(
+        build
+            .keys()
+            .filter(|p| !reference.contains_key(*p))
+            .cloned(),
+    );
     paths
 }
 
@@ -323,14 +334,6 @@ impl Drop for KernelBuild {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
-}
-
-fn is_mountpoint(path: &Path) -> bool {
-    Command::new("mountpoint")
-        .arg("-q")
-        .arg(path)
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Compiles a worker's distccd logged as finished since `since` (Unix seconds).
@@ -439,7 +442,10 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
     }
     if let Some(only) = &bench.args.tools {
         tools.retain(|t| only.iter().any(|o| o == t.key()));
-        ensure!(!tools.is_empty(), "--tools {only:?} selects none of raw, ours, icecc");
+        ensure!(
+            !tools.is_empty(),
+            "--tools {only:?} selects none of raw, ours, icecc"
+        );
     }
 
     let mut results = Results::default();
@@ -455,7 +461,12 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
             let (elapsed, finished) = timed_build(&mut cmd, &log, limit)?;
             ensure!(finished, "the local build did not finish within {limit:?}");
             let objects = kernel.objects()?;
-            tracing::info!(repeat, secs = elapsed.as_secs_f64(), objects = objects.len(), "local make -j2");
+            tracing::info!(
+                repeat,
+                secs = elapsed.as_secs_f64(),
+                objects = objects.len(),
+                "local make -j2"
+            );
             results.check(&format!("local build {serial}"), objects);
             results.local.push(Run {
                 elapsed,
@@ -470,7 +481,9 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
                 }
                 serial += 1;
                 kernel.configure()?;
-                let log = kernel.logs.join(format!("{serial:03}-{tool:?}-{scenario:?}.log"));
+                let log = kernel
+                    .logs
+                    .join(format!("{serial:03}-{tool:?}-{scenario:?}.log"));
                 let distcc_dir = bench.tmp.path().join(format!("distcc-{serial}"));
                 std::fs::create_dir_all(&distcc_dir)?;
                 let mut cmd = match tool {
@@ -508,7 +521,9 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
                 let since = unix_now();
                 let run = {
                     let _throttle = match scenario {
-                        Scenario::Slow => Some(CpuQuota::apply(victim, tool.worker_daemon(), SLOW_PERCENT)?),
+                        Scenario::Slow => {
+                            Some(CpuQuota::apply(victim, tool.worker_daemon(), SLOW_PERCENT)?)
+                        }
                         _ => None,
                     };
                     let _dead = match scenario {

@@ -529,7 +529,8 @@ pub fn fanout(bench: &mut Bench) -> Result<Section> {
 // ---------------------------------------------------------------------------------------
 // Case 3: enter.
 
-fn is_mounted(path: &Path) -> bool {
+/// Whether `path` is a mount point (from /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
     let target = path.to_string_lossy();
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|m| {

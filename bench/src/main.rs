@@ -187,6 +187,17 @@ fn find_builderctl(repo: &Path, given: Option<&Path>) -> Result<PathBuf> {
         )
 }
 
+/// Prints a case's section and, unless `--no-write`, puts it into the document.
+fn publish(bench: &Bench, case: Case, section: &cases::Section) -> Result<()> {
+    println!("{}", section.markdown);
+    if !bench.args.no_write {
+        let path = bench.repo.join(&bench.args.doc);
+        doc::replace_section(&path, case.number(), &section.markdown)?;
+        tracing::info!(doc = %path.display(), case = case.number(), "table written");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -259,12 +270,7 @@ fn main() -> Result<()> {
             Case::Builds | Case::Icecream => unreachable!("run below"),
         }
         .with_context(|| format!("case {}", case.number()))?;
-        println!("{}", section.markdown);
-        if !bench.args.no_write {
-            let path = bench.repo.join(&bench.args.doc);
-            doc::replace_section(&path, case.number(), &section.markdown)?;
-            tracing::info!(doc = %path.display(), case = case.number(), "table written");
-        }
+        publish(&bench, case, &section)?;
     }
     // The builds last, on a quiet machine: the fan-out's extra workers go first.
     let extra = std::mem::take(&mut bench.extra);
@@ -277,12 +283,7 @@ fn main() -> Result<()> {
     if !build_cases.is_empty() {
         tracing::info!(cases = ?build_cases, "running the builds");
         for (case, section) in builds::builds(&bench, &build_cases).context("the build cases")? {
-            println!("{}", section.markdown);
-            if !bench.args.no_write {
-                let path = bench.repo.join(&bench.args.doc);
-                doc::replace_section(&path, case.number(), &section.markdown)?;
-                tracing::info!(doc = %path.display(), case = case.number(), "table written");
-            }
+            publish(&bench, case, &section)?;
         }
     }
     let workers = std::mem::take(&mut bench.workers);

@@ -103,20 +103,22 @@ impl HostList {
             .iter()
             .enumerate()
             .map(|(i, input)| (input, others_mean_job_secs(inputs, i)))
-            .map(|(input, others)| match decide(input, local, policy, others) {
-                Ok((entry, warnings)) => WorkerVerdict {
-                    endpoint: input.endpoint.to_owned(),
-                    entry: Some(entry),
-                    excluded_reason: None,
-                    warnings,
+            .map(
+                |(input, others)| match decide(input, local, policy, others) {
+                    Ok((entry, warnings)) => WorkerVerdict {
+                        endpoint: input.endpoint.to_owned(),
+                        entry: Some(entry),
+                        excluded_reason: None,
+                        warnings,
+                    },
+                    Err(reason) => WorkerVerdict {
+                        endpoint: input.endpoint.to_owned(),
+                        entry: None,
+                        excluded_reason: Some(reason),
+                        warnings: Vec::new(),
+                    },
                 },
-                Err(reason) => WorkerVerdict {
-                    endpoint: input.endpoint.to_owned(),
-                    entry: None,
-                    excluded_reason: Some(reason),
-                    warnings: Vec::new(),
-                },
-            })
+            )
             .collect();
         Self {
             workers,

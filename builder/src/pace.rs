@@ -193,7 +193,11 @@ mod tests {
         let mut t = PaceTracker::default();
         t.observe(&status(0.0, 0, 1));
         t.observe(&status(6.0, 2, 1));
-        assert_eq!(t.mean_job_secs(6_000_000), None, "6 s of history is too short");
+        assert_eq!(
+            t.mean_job_secs(6_000_000),
+            None,
+            "6 s of history is too short"
+        );
         t.observe(&status(10.0, 1, 1));
         assert_eq!(t.mean_job_secs(10_000_000), None, "restarted: history gone");
         t.observe(&status(20.0, 2, 0));
@@ -242,7 +246,11 @@ mod tests {
 
     #[test]
     fn slow_share_cuts_only_clear_stragglers() {
-        assert_eq!(slow_share(3, 5.0, 1.0), 3, "five times: job-mix noise, keep");
+        assert_eq!(
+            slow_share(3, 5.0, 1.0),
+            3,
+            "five times: job-mix noise, keep"
+        );
         assert_eq!(slow_share(3, 8.0, 1.0), 0, "eight times: out");
         assert_eq!(slow_share(16, 8.0, 1.0), 2);
         assert_eq!(slow_share(3, 50.0, 0.0), 3, "no baseline: keep");

@@ -14,9 +14,7 @@ use tokio::sync::mpsc;
 use crate::cluster::{Client, Probe, connect, host_list, source_address, status_text};
 use crate::config::AgentAccess;
 use crate::failover::{PortCheck, check_port, cut_connections};
-use crate::host_list::{
-    HostEntry, HostList, LocalCompiler, Policy, WorkerInput, write_atomically,
-};
+use crate::host_list::{HostEntry, HostList, LocalCompiler, Policy, WorkerInput, write_atomically};
 use crate::pace::PaceTracker;
 
 /// How the session follows the workers.
@@ -294,11 +292,7 @@ async fn confirm_and_cut(
     bound: Duration,
     done: mpsc::Sender<Cut>,
 ) {
-    let Some(distccd) = tokio::net::lookup_host((entry.host.as_str(), entry.port))
-        .await
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-    else {
+    let Some(distccd) = distccd_address(&entry).await else {
         let _ = done
             .send(Cut {
                 index,
@@ -327,6 +321,14 @@ async fn confirm_and_cut(
         .await;
 }
 
+/// The address of a hosts-file entry's distccd (what `ss -K` matches), if it resolves.
+async fn distccd_address(entry: &HostEntry) -> Option<SocketAddr> {
+    tokio::net::lookup_host((entry.host.as_str(), entry.port))
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+}
+
 /// The outcome of aborting the connections to a worker judged slow.
 struct SlowCut {
     index: usize,
@@ -339,11 +341,7 @@ struct SlowCut {
 /// the compiles in flight there fail over to local ones (as for a lost worker) instead of
 /// holding the build back. The worker itself is fine; it only finishes late.
 async fn cut_slow(index: usize, entry: HostEntry, reason: String, done: mpsc::Sender<SlowCut>) {
-    let Some(distccd) = tokio::net::lookup_host((entry.host.as_str(), entry.port))
-        .await
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-    else {
+    let Some(distccd) = distccd_address(&entry).await else {
         return;
     };
     let result = cut_connections(distccd).await.map_err(|e| e.to_string());

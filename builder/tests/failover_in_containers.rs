@@ -8,12 +8,12 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Builder, boot_cluster, eventually, text};
-use distcc_testbed::{CpuQuota, Rootfs, Testbed};
+use distcc_testbed::{CpuQuota, Rootfs, Testbed, Worker};
 
 /// Translation units of the project, and functions in each: about 0.5 s of gcc -O2 per
 /// unit alone; the distributed build (11 compiles sharing this project's 2 cores) lasts
@@ -88,16 +88,45 @@ fn connections_to(ip: &str) -> usize {
         .count()
 }
 
+/// Three agent workers, a builder configuration for them, the slow project written, and
+/// a directory for the session's marks.
+struct SlowProjectCluster {
+    _bed: Testbed,
+    workers: Vec<Worker>,
+    builder: Builder,
+    source: PathBuf,
+    marks: PathBuf,
+}
+
+impl SlowProjectCluster {
+    fn boot() -> SlowProjectCluster {
+        Rootfs::ensure().expect("test-bed root filesystem");
+        let bed = Testbed::create().expect("test-bed network");
+        let workers = boot_cluster(&bed);
+        let endpoints: Vec<String> = workers.iter().map(|w| format!("{}:3634", w.ip())).collect();
+        let builder = Builder::new(&endpoints, None);
+        let source = builder.dir.path().join("project");
+        write_slow_project(&source);
+        let marks = builder.dir.path().join("marks");
+        SlowProjectCluster {
+            _bed: bed,
+            workers,
+            builder,
+            source,
+            marks,
+        }
+    }
+}
+
 #[test]
 fn a_worker_lost_mid_build_fails_over_at_once_with_identical_objects() {
-    Rootfs::ensure().expect("test-bed root filesystem");
-    let bed = Testbed::create().expect("test-bed network");
-    let workers = boot_cluster(&bed);
-    let endpoints: Vec<String> = workers.iter().map(|w| format!("{}:3634", w.ip())).collect();
-    let builder = Builder::new(&endpoints, None);
-    let source = builder.dir.path().join("project");
-    write_slow_project(&source);
-    let marks = builder.dir.path().join("marks");
+    let SlowProjectCluster {
+        _bed,
+        workers,
+        builder,
+        source,
+        marks,
+    } = SlowProjectCluster::boot();
     std::fs::create_dir_all(marks.join("objects")).unwrap();
     let w2 = workers[1].ip().to_string();
 
@@ -240,14 +269,13 @@ fn a_worker_lost_mid_build_fails_over_at_once_with_identical_objects() {
 
 #[test]
 fn a_throttled_worker_leaves_the_session_as_slow_and_the_build_stays_correct() {
-    Rootfs::ensure().expect("test-bed root filesystem");
-    let bed = Testbed::create().expect("test-bed network");
-    let workers = boot_cluster(&bed);
-    let endpoints: Vec<String> = workers.iter().map(|w| format!("{}:3634", w.ip())).collect();
-    let builder = Builder::new(&endpoints, None);
-    let source = builder.dir.path().join("project");
-    write_slow_project(&source);
-    let marks = builder.dir.path().join("marks");
+    let SlowProjectCluster {
+        _bed,
+        workers,
+        builder,
+        source,
+        marks,
+    } = SlowProjectCluster::boot();
     std::fs::create_dir_all(&marks).unwrap();
     let w3 = workers[2].ip().to_string();
     // w3's distccd (and the compilers it starts) get 10% of one CPU: its compiles take

@@ -25,7 +25,10 @@ pub fn kernel_source() -> Result<PathBuf> {
     if source.join("Makefile").exists() {
         return Ok(source);
     }
-    tracing::info!(tarball = KERNEL_TARBALL, "unpacking the kernel source (once)");
+    tracing::info!(
+        tarball = KERNEL_TARBALL,
+        "unpacking the kernel source (once)"
+    );
     ensure!(
         Path::new(KERNEL_TARBALL).exists(),
         "{KERNEL_TARBALL} is missing: run testbed/setup-host --kernel (apt-get install linux-source-6.1)"

@@ -459,7 +459,15 @@ fn setup_network(index: u8, ns: &str, veth: &str, addr: Ipv4Addr) -> Result<()> 
         &sweep::bridge_name(index),
         "up",
     ])?;
-    ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        "eth0",
+    ])?;
     ip(&["-n", ns, "link", "set", "eth0", "up"])?;
     ip(&["-n", ns, "link", "set", "lo", "up"])
 }
