@@ -92,6 +92,10 @@ pub struct Args {
     /// builder's own default, 2).
     #[arg(long)]
     pub local_slots: Option<u32>,
+    /// `lzo` of the builderctl configuration in cases 5 and 6 (default: the builder's
+    /// own default).
+    #[arg(long)]
+    pub lzo: Option<bool>,
     /// Pairs of runs for the fast cases (2, 3 and the RPC rounds of 4).
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,

@@ -351,6 +351,7 @@ mod tests {
         let policy = Policy {
             allow_mismatch: false,
             local_slots: 0,
+            lzo: true,
         };
         let mut active = status("active", 3, 0, 2);
         active.effective_allow = vec!["198.18.3.0/24".into()];

@@ -26,6 +26,8 @@ pub struct BuilderConfig {
     pub compilers: Vec<String>,
     /// `localhost/N` in the host list; 0 leaves the builder out.
     pub local_slots: u32,
+    /// `,lzo` on remote hosts: compress sources and objects in transit.
+    pub lzo: bool,
     /// distcc's masquerade directory; `None`: the first of `/usr/lib/distcc`,
     /// `/usr/lib/distcc/bin` that holds a `gcc` link.
     pub masquerade_dir: Option<PathBuf>,
@@ -103,6 +105,7 @@ struct RawConfig {
     operation_deadline_ms: Option<Spanned<u64>>,
     compilers: Option<Vec<Spanned<String>>>,
     local_slots: Option<Spanned<u32>>,
+    lzo: Option<bool>,
     masquerade_dir: Option<PathBuf>,
     allow_mismatch: Option<bool>,
     tls: Option<Spanned<RawTls>>,
@@ -273,6 +276,7 @@ impl BuilderConfig {
             operation_deadline,
             compilers,
             local_slots,
+            lzo: raw.lzo.unwrap_or(true),
             masquerade_dir: raw.masquerade_dir,
             allow_mismatch: raw.allow_mismatch.unwrap_or(false),
             workers: raw.workers.into_iter().map(Spanned::into_inner).collect(),
@@ -325,14 +329,15 @@ mod tests {
         assert_eq!(c.deadline, Duration::from_secs(1));
         assert_eq!(c.compilers, ["gcc", "g++"]);
         assert_eq!(c.local_slots, 2);
+        assert!(c.lzo);
     }
 
     #[test]
     fn optional_keys_are_checked() {
-        let c = load("workers = []\ncompilers = [\"gcc\"]\nlocal_slots = 0\noperation_deadline_ms = 5000\nallow_mismatch = true\n").unwrap();
+        let c = load("workers = []\ncompilers = [\"gcc\"]\nlocal_slots = 0\noperation_deadline_ms = 5000\nallow_mismatch = true\nlzo = false\n").unwrap();
         assert_eq!(
-            (c.compilers.len(), c.local_slots, c.allow_mismatch),
-            (1, 0, true)
+            (c.compilers.len(), c.local_slots, c.allow_mismatch, c.lzo),
+            (1, 0, true, false)
         );
         for (body, key) in [
             ("workers = []\ntmpfs_size = \"lots\"\n", "tmpfs_size"),

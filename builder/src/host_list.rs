@@ -53,6 +53,8 @@ pub struct Policy {
     pub allow_mismatch: bool,
     /// Slots for `localhost` (compiles on the builder itself); 0 leaves it out.
     pub local_slots: u32,
+    /// Compress in transit to remote workers (never to loopback ones).
+    pub lzo: bool,
 }
 
 /// One line of the hosts file.
@@ -304,7 +306,7 @@ fn decide(
         },
         _ => slots,
     };
-    let lzo = !is_loopback_host(&host);
+    let lzo = policy.lzo && !is_loopback_host(&host);
     Ok((
         HostEntry {
             host,
@@ -499,6 +501,7 @@ mod tests {
         Policy {
             allow_mismatch: false,
             local_slots: 2,
+            lzo: true,
         }
     }
 
@@ -536,6 +539,23 @@ mod tests {
             "198.18.3.11:3632/3,lzo 198.18.3.12:3632/4,lzo localhost/2"
         );
         assert!(!text.contains("excluded"));
+    }
+
+    #[test]
+    fn lzo_off_leaves_remote_hosts_uncompressed() {
+        let status = healthy(3);
+        let list = HostList::compute(
+            &[input("198.18.3.11:3634", &status)],
+            &local(),
+            &Policy {
+                lzo: false,
+                ..policy()
+            },
+        );
+        assert_eq!(
+            list.render().lines().last().unwrap(),
+            "198.18.3.11:3632/3 localhost/2"
+        );
     }
 
     #[test]
@@ -610,6 +630,7 @@ mod tests {
             &Policy {
                 allow_mismatch: true,
                 local_slots: 0,
+                lzo: true,
             },
         );
         let verdict = list.verdict("198.18.3.11:3634").unwrap();

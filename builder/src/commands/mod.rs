@@ -32,6 +32,7 @@ impl BuilderSetup {
         let policy = Policy {
             allow_mismatch: allow_mismatch || config.allow_mismatch,
             local_slots: config.local_slots,
+            lzo: config.lzo,
         };
         Ok(Self { config, policy })
     }
