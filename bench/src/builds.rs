@@ -17,7 +17,7 @@ use distcc_testbed::{CpuQuota, REPRODUCIBLE_BUILD_ENV, Worker};
 
 use crate::cases::{LinkGuard, Section, is_mounted, ratio, run_stamp};
 use crate::icecream::Icecream;
-use crate::run::{BuilderConfig, median};
+use crate::run::{BuilderConfig, CpuClock, median};
 use crate::{Bench, Case};
 
 /// `make -j` of every distributed build (the figure).
@@ -418,39 +418,6 @@ fn timed_build(cmd: &mut Command, log: &Path, limit: Duration) -> Result<(Durati
             return Ok((started.elapsed(), false));
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The machine's busy CPU time so far, from the first line of /proc/stat (every core,
-/// idle and iowait left out).
-struct CpuClock {
-    busy_ticks: u64,
-}
-
-impl CpuClock {
-    fn now() -> Result<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-        let line = stat.lines().next().unwrap_or_default();
-        let fields: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("/proc/stat: {line:?}"))?;
-        ensure!(fields.len() >= 5, "/proc/stat: {line:?}");
-        // user nice system idle iowait irq softirq steal (guest time is inside user).
-        let busy: u64 = fields.iter().take(8).sum::<u64>() - fields[3] - fields[4];
-        Ok(Self { busy_ticks: busy })
-    }
-
-    /// CPU seconds spent since `self` was taken.
-    fn secs_since(&self) -> Result<f64> {
-        let ticks = Self::now()?.busy_ticks.saturating_sub(self.busy_ticks);
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100);
-        Ok(ticks as f64 / hz as f64)
     }
 }
 

@@ -18,7 +18,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::Bench;
-use crate::run::{BuilderConfig, DEADLINE_MS, median, percentile, text, timed};
+use crate::run::{
+    BuilderConfig, CpuClock, DEADLINE_MS, children_cpu, median, percentile, text, timed,
+};
 
 /// A case's result, ready for the document.
 pub struct Section {
@@ -474,9 +476,16 @@ pub fn fanout(bench: &mut Bench) -> Result<Section> {
         }
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
+    // CPU milliseconds per call: the whole machine's (builderctl, every agent, their
+    // systemd and distccd) and builderctl's own.
+    let mut machine_cpu: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
+    let mut client_cpu: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
     for i in 0..bench.args.repeats {
         for (k, c) in configs.iter().enumerate() {
+            let (clock, client) = (CpuClock::now()?, children_cpu()?);
             let (t, out) = c.timed(&["status"])?;
+            machine_cpu[k].push(clock.secs_since()? * 1000.0);
+            client_cpu[k].push(ms(children_cpu()?.saturating_sub(client)));
             ensure!(
                 out.status.success(),
                 "status of {} workers: {}",
@@ -507,6 +516,23 @@ pub fn fanout(bench: &mut Bench) -> Result<Section> {
             table.target("< 2× the time of 3", medians[k] < 2.0 * medians[0]);
         }
     }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    for (k, n) in sizes.iter().enumerate() {
+        let (machine, client) = (median(&machine_cpu[k]), median(&client_cpu[k]));
+        table.row(
+            format!("CPU per status, {n} workers: whole machine / builderctl's own"),
+            format!("{machine:.0} ms / {client:.0} ms"),
+            format!(
+                "{:.0} ms / {:.0} ms",
+                median(&machine_cpu[0]),
+                median(&client_cpu[0])
+            ),
+            ratio(machine, median(&machine_cpu[0])),
+        );
+    }
+    table.note(format!(
+        "CPU per status: busy time of all {cores} cores during the call (/proc/stat, 10 ms ticks, median of the rounds) and builderctl's own user+system time (getrusage of the child). Every agent, its systemd and its distccd run on these same cores, so a status of N workers cannot take less wall time than the machine's CPU for it divided by {cores}; on separate worker machines only builderctl's own share and the slowest worker's answer would add up."
+    ));
     if let (Some(first), Some(last)) = (medians.first(), medians.last())
         && max > 3
     {

@@ -5,7 +5,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use distcc_testbed::TEST_TOKEN;
 
 /// Runs `cmd` to completion, killing it after `limit`; returns its wall time and output.
@@ -32,6 +32,51 @@ pub fn timed(cmd: &mut Command, limit: Duration) -> Result<(Duration, Output)> {
         "{cmd:?} did not finish within {limit:?} (killed)"
     );
     Ok((elapsed, output))
+}
+
+/// The machine's busy CPU time so far, from the first line of /proc/stat (every core,
+/// idle and iowait left out).
+pub struct CpuClock {
+    busy_ticks: u64,
+}
+
+impl CpuClock {
+    pub fn now() -> Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let line = stat.lines().next().unwrap_or_default();
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("/proc/stat: {line:?}"))?;
+        ensure!(fields.len() >= 5, "/proc/stat: {line:?}");
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let busy: u64 = fields.iter().take(8).sum::<u64>() - fields[3] - fields[4];
+        Ok(Self { busy_ticks: busy })
+    }
+
+    /// CPU seconds spent since `self` was taken.
+    pub fn secs_since(&self) -> Result<f64> {
+        let ticks = Self::now()?.busy_ticks.saturating_sub(self.busy_ticks);
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100);
+        Ok(ticks as f64 / hz as f64)
+    }
+}
+
+/// CPU time (user + system) of this process's children that have been waited for; the
+/// difference across one `timed` call is that command's own CPU time.
+pub fn children_cpu() -> Result<Duration> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let usage = getrusage(UsageWho::RUSAGE_CHILDREN).context("getrusage")?;
+    let micros = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(u64::try_from(t.tv_sec()).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec()).unwrap_or(0))
+    };
+    Ok(micros(usage.user_time()) + micros(usage.system_time()))
 }
 
 /// stdout and stderr, for error messages.
