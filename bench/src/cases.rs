@@ -679,7 +679,7 @@ fn tcp_sockets(worker: &Worker) -> Result<usize> {
     Ok(out.lines().count().saturating_sub(1))
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rpc {
     Check,
     Status,
@@ -813,6 +813,22 @@ pub fn footprint(bench: &Bench) -> Result<Section> {
     let repeats = bench.args.repeats;
     let count = bench.args.rpc_count;
     let tcp_before = tcp_sockets(target)?;
+    // Who does the work of a Status: CPU ticks of these processes in w1, summed over the
+    // Status latency rounds only (the health Check rounds between them are left out).
+    let servers: Vec<(&str, u32)> = vec![
+        ("distcc-agent", main_pid(target, "distcc-agent")?),
+        ("systemd (PID 1)", 1),
+        ("dbus-daemon", main_pid(target, "dbus")?),
+        ("distccd (main process)", main_pid(target, "distccd")?),
+    ];
+    let server_ticks = |servers: &[(&str, u32)]| -> Result<Vec<u64>> {
+        servers
+            .iter()
+            .map(|(_, pid)| Ok(sample(target, *pid)?.ticks))
+            .collect()
+    };
+    let mut status_ticks = vec![0u64; servers.len()];
+    let mut status_calls = 0usize;
     let (lat, thr) = runtime.block_on(async {
         let channel = Channel::from_shared(format!("http://{}:{AGENT_PORT}", target.ip()))?
             .connect_timeout(Duration::from_secs(5))
@@ -832,7 +848,17 @@ pub fn footprint(bench: &Bench) -> Result<Section> {
         let mut lat: [Vec<(f64, f64, f64)>; 2] = [Vec::new(), Vec::new()];
         for i in 0..repeats {
             for (k, rpc) in [Rpc::Check, Rpc::Status].into_iter().enumerate() {
+                let before = server_ticks(&servers)?;
                 let mut l = latencies(&clients, rpc, count, limit).await?;
+                if rpc == Rpc::Status {
+                    for (total, (b, a)) in status_ticks
+                        .iter_mut()
+                        .zip(before.iter().zip(server_ticks(&servers)?))
+                    {
+                        *total += a.saturating_sub(*b);
+                    }
+                    status_calls += l.len();
+                }
                 l.sort_by(f64::total_cmp);
                 let total: f64 = l.iter().sum();
                 lat[k].push((
@@ -932,6 +958,16 @@ pub fn footprint(bench: &Bench) -> Result<Section> {
         format!("{cseq:.0}/s"),
         ratio(sseq, cseq),
     );
+    let per_call = |ticks: u64| ticks as f64 / tck / status_calls.max(1) as f64 * 1e6;
+    let split: Vec<String> = servers
+        .iter()
+        .zip(&status_ticks)
+        .map(|((name, _), ticks)| format!("{name} {:.0} µs", per_call(*ticks)))
+        .collect();
+    table.note(format!(
+        "CPU per sequential Status call on w1, by process (ticks of each process's /proc/PID/stat over the {status_calls} calls of the Status latency rounds, one warm connection): {}. The agent reads 8 unit properties with one D-Bus Get each (fresh values after jobs; see agent/src/systemd.rs), which is what systemd and dbus-daemon spend here.",
+        split.join(", ")
+    ));
     let (ct, st) = (median(&thr[0]), median(&thr[1]));
     table.row(
         format!("Status throughput, {LOAD_CONCURRENCY} in flight"),
