@@ -103,8 +103,8 @@ struct Run {
     /// Compiles each worker's distccd finished during the build (from its journal).
     per_worker: Vec<usize>,
     /// CPU time the whole machine spent during the build (all cores, every process:
-    /// builder, workers, agents). Far less noisy than wall time on a shared machine, and
-    /// what a tool's overhead costs when the cores are the bottleneck.
+    /// builder, workers, agents); against wall time, it shows whether the build kept the
+    /// cores busy (it did, 93-98 %, so it is no steadier than wall time).
     cpu_secs: f64,
 }
 

@@ -19,7 +19,8 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::Bench;
 use crate::run::{
-    BuilderConfig, CpuClock, DEADLINE_MS, children_cpu, median, percentile, text, timed,
+    BuilderConfig, CpuClock, DEADLINE_MS, children_cpu, clock_ticks, median, percentile, text,
+    timed,
 };
 
 /// A case's result, ready for the document.
@@ -661,15 +662,6 @@ fn sample(worker: &Worker, pid: u32) -> Result<ProcSample> {
         ticks: utime + stime,
         rss_kib,
     })
-}
-
-fn clock_ticks() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100)
 }
 
 /// Entries of /proc/net/tcp in the worker's network namespace (TIME_WAIT included): every

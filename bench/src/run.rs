@@ -59,12 +59,17 @@ impl CpuClock {
     /// CPU seconds spent since `self` was taken.
     pub fn secs_since(&self) -> Result<f64> {
         let ticks = Self::now()?.busy_ticks.saturating_sub(self.busy_ticks);
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .unwrap_or(100);
-        Ok(ticks as f64 / hz as f64)
+        Ok(ticks as f64 / clock_ticks() as f64)
     }
+}
+
+/// Ticks per second of /proc's CPU times (`CLK_TCK`, 100 on Linux).
+pub fn clock_ticks() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|hz| u64::try_from(hz).ok())
+        .unwrap_or(100)
 }
 
 /// CPU time (user + system) of this process's children that have been waited for; the
