@@ -1,18 +1,16 @@
 //! The agent's configuration file, `/etc/distcc-agent/agent.toml`.
 //!
-//! Parsed strictly (unknown keys are errors) into a raw form that keeps every value's
-//! position, then validated into [`AgentConfig`]; every error names file, line and key.
+//! Deserialized strictly (unknown keys are errors) with the settings' own types, then
+//! checked as a whole into [`AgentConfig`]; every error names file, line and key.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::IpNet;
+use distcc_config_file::ConfigFile;
 use serde::Deserialize;
-use thiserror::Error;
-use toml::Spanned;
 
-use crate::settings::{AllowPolicy, DistccdSettings, parse_cidr};
+use crate::settings::{AllowPolicy, Allowlist, DistccdSettings, bounded_setting};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/distcc-agent/agent.toml";
 pub const DEFAULT_TOKEN_FILE: &str = "/etc/distcc-agent/token";
@@ -54,36 +52,57 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
 }
 
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}: {key}: {message}")]
-    Invalid {
-        path: String,
-        line: usize,
-        key: String,
-        message: String,
-    },
+pub use distcc_config_file::ConfigError;
+
+bounded_setting!(
+    /// A duration in whole seconds, 1..=3600.
+    Seconds(u32) in 1..=3600
+);
+
+impl Seconds {
+    fn duration(self) -> Duration {
+        Duration::from_secs(u64::from(self.get()))
+    }
+}
+
+bounded_setting!(
+    /// `[policy] max_allow_entries`.
+    MaxAllowEntries(u32) in 1..=4096
+);
+
+/// A systemd service unit's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServiceUnit(String);
+
+impl<'de> Deserialize<'de> for ServiceUnit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        if name.ends_with(".service") && !name.contains('/') {
+            Ok(Self(name))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "{name:?} must name a .service unit"
+            )))
+        }
+    }
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    listen: Option<Spanned<String>>,
-    token_file: Option<Spanned<PathBuf>>,
+    listen: Option<SocketAddr>,
+    token_file: Option<PathBuf>,
     state_dir: Option<PathBuf>,
-    unit: Option<Spanned<String>>,
-    status_interval_secs: Option<Spanned<u64>>,
-    job_timeout_secs: Option<Spanned<u64>>,
+    unit: Option<ServiceUnit>,
+    status_interval_secs: Option<Seconds>,
+    job_timeout_secs: Option<Seconds>,
     masquerade_dir: Option<PathBuf>,
     distccd_tmpdir: Option<PathBuf>,
     tls: Option<RawTls>,
-    policy: Option<RawPolicy>,
-    distccd: Option<RawDistccd>,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    distccd: DistccdSettings,
 }
 
 #[derive(Deserialize)]
@@ -94,122 +113,35 @@ struct RawTls {
     client_ca: Option<PathBuf>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
-    allow_within: Option<Vec<Spanned<String>>>,
+    allow_within: Option<Allowlist>,
     #[serde(default)]
     permit_public: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDistccd {
-    allow: Option<Vec<Spanned<String>>>,
-    jobs: Option<Spanned<i64>>,
-    nice: Option<Spanned<i64>>,
-    listen: Option<Spanned<String>>,
-    port: Option<Spanned<i64>>,
-    stats: Option<bool>,
-    stats_port: Option<Spanned<i64>>,
-    job_lifetime_secs: Option<Spanned<i64>>,
-}
-
-/// Turns spans into `file:line: key:` errors.
-struct Source<'a> {
-    path: &'a Path,
-    text: &'a str,
-}
-
-impl Source<'_> {
-    fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1
-    }
-
-    fn error(&self, offset: usize, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.display().to_string(),
-            line: self.line_of(offset),
-            key: key.to_owned(),
-            message: message.into(),
-        }
-    }
-
-    fn at<T>(&self, value: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
-        self.error(value.span().start, key, message)
-    }
-
-    fn int_in<T: TryFrom<i64>>(
-        &self,
-        value: &Spanned<i64>,
-        key: &str,
-        min: i64,
-        max: i64,
-    ) -> Result<T, ConfigError> {
-        let v = *value.get_ref();
-        if v < min || v > max {
-            return Err(self.at(value, key, format!("{v} is outside {min}..={max}")));
-        }
-        T::try_from(v).map_err(|_| self.at(value, key, format!("{v} is out of range")))
-    }
-
-    fn cidrs(&self, list: &[Spanned<String>], key: &str) -> Result<Vec<IpNet>, ConfigError> {
-        list.iter()
-            .enumerate()
-            .map(|(i, entry)| {
-                parse_cidr(entry.get_ref()).map_err(|m| self.at(entry, &format!("{key}[{i}]"), m))
-            })
-            .collect()
-    }
+    max_allow_entries: Option<MaxAllowEntries>,
 }
 
 impl AgentConfig {
     /// Read and validate the config file, and the token file it names.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        Self::from_file(&ConfigFile::read(path)?)
     }
 
     /// Validate `text` as if read from `path`; also reads the token file.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let src = Source { path, text };
-        let raw: RawConfig = toml::from_str(text).map_err(|err| {
-            let offset = err.span().map_or(0, |span| span.start);
-            // toml's message already says what is wrong; name the key when it knows one.
-            let message = err.message().trim().to_owned();
-            let key = message
-                .strip_prefix("unknown field `")
-                .and_then(|rest| rest.split('`').next())
-                .unwrap_or("")
-                .to_owned();
-            src.error(offset, &key, message)
-        })?;
+        Self::from_file(&ConfigFile::new(path, text))
+    }
 
-        let listen = match &raw.listen {
-            None => SocketAddr::from(([0, 0, 0, 0], distcc_proto::DEFAULT_AGENT_PORT)),
-            Some(value) => value.get_ref().parse().map_err(|_| {
-                src.at(
-                    value,
-                    "listen",
-                    format!("{:?} is not an address like 0.0.0.0:3634", value.get_ref()),
-                )
-            })?,
-        };
+    fn from_file(file: &ConfigFile) -> Result<Self, ConfigError> {
+        let raw: RawConfig = file.parse()?;
 
-        let (token_file, token_offset) = match &raw.token_file {
-            None => (PathBuf::from(DEFAULT_TOKEN_FILE), 0),
-            Some(value) => (value.get_ref().clone(), value.span().start),
-        };
+        let token_file = raw
+            .token_file
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_FILE));
         let token = std::fs::read_to_string(&token_file)
             .map_err(|e| {
-                src.error(
-                    token_offset,
+                file.error(
                     "token_file",
                     format!("cannot read {}: {e}", token_file.display()),
                 )
@@ -217,8 +149,7 @@ impl AgentConfig {
             .trim()
             .to_owned();
         if token.len() < 16 {
-            return Err(src.error(
-                token_offset,
+            return Err(file.error(
                 "token_file",
                 format!(
                     "{} holds a token shorter than 16 characters",
@@ -227,90 +158,36 @@ impl AgentConfig {
             ));
         }
 
-        let unit = match &raw.unit {
-            None => DEFAULT_UNIT.to_owned(),
-            Some(value) if value.get_ref().ends_with(".service") => value.get_ref().clone(),
-            Some(value) => return Err(src.at(value, "unit", "must name a .service unit")),
-        };
-        let seconds = |value: &Option<Spanned<u64>>, key: &str, default: u64| match value {
-            None => Ok(Duration::from_secs(default)),
-            Some(v) if (1..=3600).contains(v.get_ref()) => Ok(Duration::from_secs(*v.get_ref())),
-            Some(v) => Err(src.at(v, key, format!("{} is outside 1..=3600", v.get_ref()))),
-        };
-        let status_interval = seconds(&raw.status_interval_secs, "status_interval_secs", 10)?;
-        let job_timeout = seconds(&raw.job_timeout_secs, "job_timeout_secs", 30)?;
-
-        let mut distccd = DistccdSettings::default();
-        let mut allow_key_offset = 0;
-        if let Some(d) = &raw.distccd {
-            if let Some(allow) = &d.allow {
-                allow_key_offset = allow.first().map_or(0, |e| e.span().start);
-                distccd.allow = src.cidrs(allow, "distccd.allow")?;
-            }
-            if let Some(v) = &d.jobs {
-                distccd.jobs =
-                    src.int_in(v, "distccd.jobs", 0, i64::from(crate::settings::MAX_JOBS))?;
-            }
-            if let Some(v) = &d.nice {
-                distccd.nice = src.int_in(v, "distccd.nice", 0, 19)?;
-            }
-            if let Some(v) = &d.listen {
-                distccd.listen = v.get_ref().parse::<IpAddr>().map_err(|_| {
-                    src.at(
-                        v,
-                        "distccd.listen",
-                        format!("{:?} is not an IP address", v.get_ref()),
-                    )
-                })?;
-            }
-            if let Some(v) = &d.port {
-                distccd.port = src.int_in(v, "distccd.port", 1, 65535)?;
-            }
-            if let Some(v) = d.stats {
-                distccd.stats = v;
-            }
-            if let Some(v) = &d.stats_port {
-                distccd.stats_port = src.int_in(v, "distccd.stats_port", 1, 65535)?;
-            }
-            if let Some(v) = &d.job_lifetime_secs {
-                distccd.job_lifetime_secs = src.int_in(
-                    v,
-                    "distccd.job_lifetime_secs",
-                    0,
-                    i64::from(crate::settings::MAX_JOB_LIFETIME_SECS),
-                )?;
-            }
-        }
-
         // The ceiling for allowlists set over RPC: explicit, or what the operator wrote in
         // [distccd] allow. Requests can narrow it, never widen it.
-        let permit_public = raw.policy.as_ref().is_some_and(|p| p.permit_public);
-        let within = raw.policy.as_ref().and_then(|p| p.allow_within.as_ref());
+        let explicit_policy = raw.policy.allow_within.is_some();
         let policy = AllowPolicy {
-            allow_within: match within {
-                Some(list) => src.cidrs(list, "policy.allow_within")?,
-                None => distccd.allow.clone(),
-            },
-            permit_public,
+            allow_within: raw
+                .policy
+                .allow_within
+                .unwrap_or_else(|| raw.distccd.allow.clone()),
+            permit_public: raw.policy.permit_public,
+            max_allow_entries: raw
+                .policy
+                .max_allow_entries
+                .map_or(AllowPolicy::DEFAULT_MAX_ALLOW_ENTRIES, |m| m.get() as usize),
         };
-        if let (Err(e), Some(list)) = (policy.validate("policy.allow_within"), within) {
-            let offset = list.first().map_or(0, |e| e.span().start);
-            return Err(src.error(offset, &e.field, e.message));
+        // A ceiling copied from [distccd] allow is checked below, under its own key.
+        if explicit_policy {
+            policy
+                .validate("policy.allow_within")
+                .map_err(|e| file.error(&e.field, e.message))?;
         }
-        if !distccd.allow.is_empty() {
-            distccd.validate(&policy).map_err(|e| {
-                let key = format!("distccd.{}", e.field);
-                let offset = raw
-                    .distccd
-                    .as_ref()
-                    .and_then(|d| spanned_offset(d, &e.field))
-                    .unwrap_or(allow_key_offset);
-                src.error(offset, &key, e.message)
-            })?;
+        if !raw.distccd.allow.is_empty() {
+            raw.distccd
+                .validate(&policy)
+                .map_err(|e| file.error(&format!("distccd.{}", e.field), e.message))?;
         }
 
         Ok(Self {
-            listen,
+            listen: raw.listen.unwrap_or_else(|| {
+                SocketAddr::from(([0, 0, 0, 0], distcc_proto::DEFAULT_AGENT_PORT))
+            }),
             token,
             token_file,
             tls: raw.tls.map(|t| TlsConfig {
@@ -321,41 +198,20 @@ impl AgentConfig {
             state_dir: raw
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            unit,
-            status_interval,
-            job_timeout,
+            unit: raw.unit.map_or_else(|| DEFAULT_UNIT.to_owned(), |u| u.0),
+            status_interval: raw
+                .status_interval_secs
+                .map_or(Duration::from_secs(10), Seconds::duration),
+            job_timeout: raw
+                .job_timeout_secs
+                .map_or(Duration::from_secs(30), Seconds::duration),
             masquerade_dir: raw
                 .masquerade_dir
                 .unwrap_or_else(|| PathBuf::from("/usr/lib/distcc")),
             distccd_tmpdir: raw.distccd_tmpdir.unwrap_or_else(|| PathBuf::from("/tmp")),
             policy,
-            distccd,
+            distccd: raw.distccd,
         })
-    }
-
-    /// Where the agent persists distccd's settings (read by `distccd.service`).
-    pub fn env_file(&self) -> PathBuf {
-        self.state_dir.join("distccd.env")
-    }
-}
-
-/// The position of the `[distccd]` value a validation error names (`allow[2]`, `nice`...).
-fn spanned_offset(d: &RawDistccd, field: &str) -> Option<usize> {
-    let start = |v: &Option<Spanned<i64>>| v.as_ref().map(|v| v.span().start);
-    match field {
-        "jobs" => start(&d.jobs),
-        "nice" => start(&d.nice),
-        "port" => start(&d.port),
-        "stats_port" => start(&d.stats_port).or_else(|| start(&d.port)),
-        "job_lifetime_secs" => start(&d.job_lifetime_secs),
-        _ => {
-            let index: usize = field
-                .strip_prefix("allow[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()?;
-            d.allow.as_ref()?.get(index).map(|e| e.span().start)
-        }
     }
 }
 
@@ -410,12 +266,13 @@ mod tests {
             .unwrap();
         assert_eq!(cfg.listen, "0.0.0.0:3634".parse().unwrap());
         assert_eq!(cfg.token, "0123456789abcdef0123");
+        assert_eq!(cfg.distccd.allow.to_strings(), ["198.18.0.0/24"]);
         assert_eq!(
-            cfg.distccd.allow,
-            vec!["198.18.0.0/24".parse::<IpNet>().unwrap()]
-        );
-        assert_eq!(
-            (cfg.distccd.jobs, cfg.distccd.nice, cfg.distccd.port),
+            (
+                cfg.distccd.jobs.get(),
+                cfg.distccd.nice.get(),
+                cfg.distccd.port.get()
+            ),
             (4, 10, 3632)
         );
         // Without [policy], requests may only narrow the operator's allowlist.
@@ -426,7 +283,7 @@ mod tests {
     fn unknown_key_names_line_and_key() {
         let f = Fixture::new();
         let (line, key, _) = invalid(f.parse("[distccd]\njobs = 4\nnicenes = 3\n").unwrap_err());
-        assert_eq!((line, key.as_str()), (4, "nicenes"));
+        assert_eq!((line, key.as_str()), (4, "distccd.nicenes"));
     }
 
     #[test]
@@ -441,6 +298,39 @@ mod tests {
         assert_eq!((line, key.as_str()), (4, "distccd.nice"));
         let (line, key, _) = invalid(f.parse("listen = \"nowhere\"\n").unwrap_err());
         assert_eq!((line, key.as_str()), (2, "listen"));
+    }
+
+    #[test]
+    fn errors_found_after_parsing_name_their_key() {
+        let f = Fixture::new();
+        let (line, key, msg) = invalid(
+            f.parse("[policy]\nallow_within = [\"198.18.0.0/24\"]\n[distccd]\nallow = [\"198.18.0.0/24\",\n \"10.0.0.0/8\"]\n")
+                .unwrap_err(),
+        );
+        assert_eq!((line, key.as_str()), (6, "distccd.allow[1]"), "{msg}");
+        let (line, key, _) = invalid(
+            f.parse("[distccd]\nallow = [\"198.18.0.0/24\"]\nport = 4000\nstats_port = 4000\n")
+                .unwrap_err(),
+        );
+        assert_eq!((line, key.as_str()), (5, "distccd.stats_port"));
+        let (line, key, _) = invalid(f.parse("unit = \"distccd\"\n").unwrap_err());
+        assert_eq!((line, key.as_str()), (2, "unit"));
+        let (line, key, _) = invalid(f.parse("job_timeout_secs = 0\n").unwrap_err());
+        assert_eq!((line, key.as_str()), (2, "job_timeout_secs"));
+    }
+
+    #[test]
+    fn allowlist_duplicates_fold_and_the_cap_is_the_operators() {
+        let f = Fixture::new();
+        let cfg = f
+            .parse("[distccd]\nallow = [\"198.18.0.0/24\", \"198.18.0.0/24\"]\n")
+            .unwrap();
+        assert_eq!(cfg.distccd.allow.len(), 1);
+        let (line, key, msg) = invalid(
+            f.parse("[policy]\nallow_within = [\"198.18.0.0/15\"]\nmax_allow_entries = 1\n[distccd]\nallow = [\"198.18.0.0/24\", \"198.18.1.0/24\"]\n")
+                .unwrap_err(),
+        );
+        assert_eq!((line, key.as_str()), (6, "distccd.allow"), "{msg}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::unit_control::UnitControl;
-use crate::worker::{SettingsUpdate, Worker, WorkerError, settings_to_proto, unit_to_proto};
+use crate::worker::{Worker, WorkerError, unit_to_proto};
 
 pub struct AgentService<U: UnitControl> {
     worker: Arc<Worker<U>>,
@@ -29,7 +29,9 @@ impl From<WorkerError> for Status {
     fn from(err: WorkerError) -> Self {
         match &err {
             WorkerError::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
-            WorkerError::Precondition(_) => Status::failed_precondition(err.to_string()),
+            WorkerError::Precondition(_) | WorkerError::StaleGeneration { .. } => {
+                Status::failed_precondition(err.to_string())
+            }
             WorkerError::RolledBack { .. } => Status::aborted(err.to_string()),
             WorkerError::Unit(crate::unit_control::UnitError::Refused { .. }) => {
                 Status::permission_denied(err.to_string())
@@ -126,23 +128,13 @@ impl<U: UnitControl> pb::distcc_agent_server::DistccAgent for AgentService<U> {
         &self,
         request: Request<pb::ConfigureRequest>,
     ) -> Result<Response<pb::ConfigureResponse>, Status> {
-        let r = request.into_inner();
-        let update = SettingsUpdate {
-            allow: r.allow.map(|a| a.cidrs),
-            jobs: r.jobs,
-            nice: r.nice,
-            listen: r.listen,
-            port: r.port,
-            stats: r.stats,
-            stats_port: r.stats_port,
-            job_lifetime_secs: r.job_lifetime_secs,
-        };
-        let outcome = self.worker.configure(&update).await?;
+        let outcome = self.worker.configure(request.get_ref()).await?;
         Ok(Response::new(pb::ConfigureResponse {
-            previous: Some(settings_to_proto(&outcome.previous)),
-            applied: Some(settings_to_proto(&outcome.applied)),
+            previous: Some((&outcome.previous).into()),
+            applied: Some((&outcome.applied).into()),
             unit: Some(unit_to_proto(&outcome.unit)),
             changed: outcome.changed,
+            generation: outcome.generation,
         }))
     }
 

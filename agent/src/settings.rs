@@ -1,45 +1,315 @@
-//! distccd's settings: validation against the operator's policy, the command line they
-//! become, and the environment file `distccd.service` reads them from.
+//! distccd's settings: one type, [`DistccdSettings`], made of validated newtypes. The same
+//! type is read from the `[distccd]` table of agent.toml, patched by a Configure request,
+//! persisted as JSON (`settings_store`) and reported in Status; only distccd's command line
+//! is rendered from it. Adding a setting touches this file, the proto and the README.
+//!
+//! Each value is checked where it is made (a `Nice` is always 0..=19); what depends on
+//! several values or on the operator's policy is checked by [`DistccdSettings::validate`].
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
 
+use distcc_proto::v1 as pb;
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// A value outside its setting's range.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{value} is outside {min}..={max}")]
+pub struct OutOfRange {
+    pub value: i64,
+    pub min: i64,
+    pub max: i64,
+}
+
+/// Deserializes an integer through `T`'s own range check. The check runs inside the
+/// deserializer (not after it, as `#[serde(try_from)]` would), so a TOML error still knows
+/// where the value is and can name its line and key.
+pub(crate) struct IntegerVisitor<T>(std::marker::PhantomData<T>);
+
+impl<T> IntegerVisitor<T> {
+    pub(crate) fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T: TryFrom<i64, Error = OutOfRange>> serde::de::Visitor<'_> for IntegerVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an integer")
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<T, E> {
+        T::try_from(value).map_err(E::custom)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<T, E> {
+        let value = i64::try_from(value).unwrap_or(i64::MAX);
+        T::try_from(value).map_err(E::custom)
+    }
+}
+
+/// Deserializes a string through `T`'s `FromStr`, inside the deserializer (see
+/// [`IntegerVisitor`]).
+struct TextVisitor<T>(std::marker::PhantomData<T>);
+
+impl<T: FromStr<Err = String>> serde::de::Visitor<'_> for TextVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<T, E> {
+        text.parse().map_err(E::custom)
+    }
+}
+
+/// Declares an integer setting that only ever holds values in `MIN..=MAX`; serde and
+/// `FromStr` go through the same check.
+macro_rules! bounded_setting {
+    ($(#[$doc:meta])* $name:ident($inner:ty) in $min:literal..=$max:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ::serde::Serialize)]
+        #[serde(into = "i64")]
+        pub struct $name($inner);
+
+        impl<'de> ::serde::Deserialize<'de> for $name {
+            fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_i64($crate::settings::IntegerVisitor::<Self>::new())
+            }
+        }
+
+        impl $name {
+            pub const MIN: $inner = $min;
+            pub const MAX: $inner = $max;
+
+            pub const fn get(self) -> $inner {
+                self.0
+            }
+        }
+
+        impl TryFrom<i64> for $name {
+            type Error = $crate::settings::OutOfRange;
+            fn try_from(value: i64) -> Result<Self, $crate::settings::OutOfRange> {
+                <$inner>::try_from(value)
+                    .ok()
+                    .filter(|v| (Self::MIN..=Self::MAX).contains(v))
+                    .map(Self)
+                    .ok_or($crate::settings::OutOfRange {
+                        value,
+                        min: i64::from(Self::MIN),
+                        max: i64::from(Self::MAX),
+                    })
+            }
+        }
+
+        impl From<$name> for i64 {
+            fn from(value: $name) -> i64 {
+                i64::from(value.0)
+            }
+        }
+
+        impl ::std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(text: &str) -> Result<Self, String> {
+                let value: i64 = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{text:?} is not a number"))?;
+                Self::try_from(value).map_err(|e| e.to_string())
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+pub(crate) use bounded_setting;
+
+bounded_setting!(
+    /// Maximum concurrent jobs; 0 leaves distccd's default (cores + 2).
+    Jobs(u32) in 0..=1024
+);
+bounded_setting!(
+    /// Niceness of compiles (distccd runs unprivileged and cannot go below 0).
+    Nice(u8) in 0..=19
+);
+bounded_setting!(
+    /// A TCP port.
+    Port(u16) in 1..=65535
+);
+bounded_setting!(
+    /// Kill compiles running longer than this many seconds; 0 means no limit.
+    JobLifetimeSecs(u32) in 0..=604_800
+);
+
+/// One allowlist entry: a network without host bits. A bare address means that host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(into = "String")]
+pub struct Cidr(IpNet);
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(TextVisitor(std::marker::PhantomData))
+    }
+}
+
+impl Cidr {
+    pub fn net(self) -> IpNet {
+        self.0
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Ok(net) = text.parse::<IpNet>() {
+            if net.trunc() != net {
+                return Err(format!(
+                    "{text:?} has host bits set; did you mean {}?",
+                    net.trunc()
+                ));
+            }
+            return Ok(Self(net));
+        }
+        text.parse::<IpAddr>()
+            .map(|addr| Self(IpNet::from(addr)))
+            .map_err(|_| {
+                format!("{text:?} is not a CIDR network (like 198.18.0.0/24) or an IP address")
+            })
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(cidr: Cidr) -> String {
+        cidr.to_string()
+    }
+}
+
+impl From<IpAddr> for Cidr {
+    fn from(addr: IpAddr) -> Self {
+        Self(IpNet::from(addr))
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Networks, in the order given, each once: a repeated entry is folded into its first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Vec<Cidr>", into = "Vec<Cidr>")]
+pub struct Allowlist(Vec<Cidr>);
+
+impl Allowlist {
+    pub fn iter(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.0.iter().map(|c| c.net())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether some entry contains all of `net`.
+    pub fn covers(&self, net: &IpNet) -> bool {
+        self.iter().any(|outer| outer.contains(net))
+    }
+
+    /// Parse request entries; an error names the entry as `field[i]`.
+    pub fn parse_entries<S: AsRef<str>>(
+        entries: &[S],
+        field: &str,
+    ) -> Result<Self, InvalidSetting> {
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                text.as_ref()
+                    .parse::<Cidr>()
+                    .map_err(|m| InvalidSetting::new(format!("{field}[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self::from)
+    }
+
+    pub fn to_strings(&self) -> Vec<String> {
+        self.0.iter().map(ToString::to_string).collect()
+    }
+}
+
+impl From<Vec<Cidr>> for Allowlist {
+    fn from(entries: Vec<Cidr>) -> Self {
+        let mut folded: Vec<Cidr> = Vec::with_capacity(entries.len());
+        for entry in entries {
+            if !folded.contains(&entry) {
+                folded.push(entry);
+            }
+        }
+        Self(folded)
+    }
+}
+
+impl From<Allowlist> for Vec<Cidr> {
+    fn from(list: Allowlist) -> Self {
+        list.0
+    }
+}
+
+impl FromIterator<IpNet> for Allowlist {
+    fn from_iter<I: IntoIterator<Item = IpNet>>(nets: I) -> Self {
+        Self::from(nets.into_iter().map(Cidr).collect::<Vec<_>>())
+    }
+}
+
+impl fmt::Display for Allowlist {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_strings().join(", "))
+    }
+}
+
 /// The settings of distccd that the agent manages.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct DistccdSettings {
     /// Networks admitted to send compiles. Never empty once validated: distccd without
     /// `--allow` admits every private network, which is wider than any operator asked for.
-    pub allow: Vec<IpNet>,
-    /// Maximum concurrent jobs; 0 leaves distccd's default (cores + 2).
-    pub jobs: u32,
-    /// Niceness of compiles, 0..=19 (distccd runs unprivileged and cannot go below 0).
-    pub nice: i32,
+    pub allow: Allowlist,
+    pub jobs: Jobs,
+    pub nice: Nice,
     /// Address distccd binds.
     pub listen: IpAddr,
-    pub port: u16,
+    pub port: Port,
     /// Serve distccd's `--stats` page (the agent reads its statistics there).
     pub stats: bool,
-    pub stats_port: u16,
-    /// Kill compiles running longer than this; 0 means no limit.
-    pub job_lifetime_secs: u32,
+    pub stats_port: Port,
+    pub job_lifetime_secs: JobLifetimeSecs,
 }
 
 impl Default for DistccdSettings {
     fn default() -> Self {
         Self {
-            allow: Vec::new(),
-            jobs: 0,
-            nice: 10,
+            allow: Allowlist::default(),
+            jobs: Jobs(0),
+            nice: Nice(10),
             listen: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            port: 3632,
+            port: Port(3632),
             stats: true,
-            stats_port: 3633,
-            job_lifetime_secs: 0,
+            stats_port: Port(3633),
+            job_lifetime_secs: JobLifetimeSecs(0),
         }
     }
 }
@@ -48,14 +318,17 @@ impl Default for DistccdSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowPolicy {
     /// Every allowlist entry must lie inside one of these networks.
-    pub allow_within: Vec<IpNet>,
+    pub allow_within: Allowlist,
     /// Whether networks outside the private, loopback, link-local and benchmarking
     /// ranges may be admitted at all.
     pub permit_public: bool,
+    /// At most this many allowlist entries (after folding duplicates).
+    pub max_allow_entries: usize,
 }
 
-pub const MAX_JOBS: u32 = 1024;
-pub const MAX_JOB_LIFETIME_SECS: u32 = 7 * 24 * 3600;
+impl AllowPolicy {
+    pub const DEFAULT_MAX_ALLOW_ENTRIES: usize = 64;
+}
 
 /// A setting that cannot be applied; `field` names it as the RPC and config do.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -98,45 +371,36 @@ pub fn is_non_public(net: &IpNet) -> bool {
     non_public_ranges().iter().any(|range| range.contains(net))
 }
 
-/// Parse one allowlist entry. A bare address means just that host.
-pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    let text = text.trim();
-    if let Ok(net) = text.parse::<IpNet>() {
-        if net.trunc() != net {
-            return Err(format!(
-                "{text:?} has host bits set; did you mean {}?",
-                net.trunc()
-            ));
-        }
-        return Ok(net);
-    }
-    text.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
-        format!("{text:?} is not a CIDR network (like 198.18.0.0/24) or an IP address")
-    })
-}
-
 impl AllowPolicy {
     /// Check that the policy itself is sane: no public ceiling unless permitted.
     pub fn validate(&self, field: &str) -> Result<(), InvalidSetting> {
         for (i, net) in self.allow_within.iter().enumerate() {
-            check_not_public(net, self.permit_public, &format!("{field}[{i}]"))?;
+            check_not_public(&net, self.permit_public, &format!("{field}[{i}]"))?;
         }
         Ok(())
     }
 
     /// Check one allowlist; `field` prefixes the index of a bad entry.
-    pub fn check_allow(&self, allow: &[IpNet], field: &str) -> Result<(), InvalidSetting> {
+    pub fn check_allow(&self, allow: &Allowlist, field: &str) -> Result<(), InvalidSetting> {
+        if allow.len() > self.max_allow_entries {
+            return Err(InvalidSetting::new(
+                field,
+                format!(
+                    "{} entries (duplicates folded) is more than the {} the agent's policy permits (max_allow_entries)",
+                    allow.len(),
+                    self.max_allow_entries
+                ),
+            ));
+        }
         for (i, net) in allow.iter().enumerate() {
             let at = format!("{field}[{i}]");
-            check_not_public(net, self.permit_public, &at)?;
-            if !self.allow_within.iter().any(|outer| outer.contains(net)) {
-                let within: Vec<String> =
-                    self.allow_within.iter().map(ToString::to_string).collect();
+            check_not_public(&net, self.permit_public, &at)?;
+            if !self.allow_within.covers(&net) {
                 return Err(InvalidSetting::new(
                     at,
                     format!(
                         "{net} is wider than the agent's policy permits (allow_within = [{}])",
-                        within.join(", ")
+                        self.allow_within
                     ),
                 ));
             }
@@ -163,8 +427,17 @@ fn check_not_public(net: &IpNet, permit_public: bool, field: &str) -> Result<(),
     Ok(())
 }
 
+/// `value` into the setting type `T`, or an error naming `field`.
+fn setting<T: TryFrom<i64, Error = OutOfRange>>(
+    value: impl Into<i64>,
+    field: &str,
+) -> Result<T, InvalidSetting> {
+    T::try_from(value.into()).map_err(|e| InvalidSetting::new(field, e.to_string()))
+}
+
 impl DistccdSettings {
-    /// Validate every setting; `allow` against `policy`.
+    /// The checks no single value can make: a non-empty allowlist inside `policy`, and
+    /// distinct ports.
     pub fn validate(&self, policy: &AllowPolicy) -> Result<(), InvalidSetting> {
         if self.allow.is_empty() {
             return Err(InvalidSetting::new(
@@ -173,65 +446,66 @@ impl DistccdSettings {
             ));
         }
         policy.check_allow(&self.allow, "allow")?;
-        if self.jobs > MAX_JOBS {
+        if self.stats && self.stats_port == self.port {
             return Err(InvalidSetting::new(
-                "jobs",
-                format!("{} is above {MAX_JOBS}", self.jobs),
-            ));
-        }
-        if !(0..=19).contains(&self.nice) {
-            return Err(InvalidSetting::new(
-                "nice",
-                format!(
-                    "{} is outside 0..=19 (distccd runs unprivileged)",
-                    self.nice
-                ),
-            ));
-        }
-        if self.port == 0 {
-            return Err(InvalidSetting::new("port", "must be 1..=65535"));
-        }
-        if self.stats {
-            if self.stats_port == 0 {
-                return Err(InvalidSetting::new("stats_port", "must be 1..=65535"));
-            }
-            if self.stats_port == self.port {
-                return Err(InvalidSetting::new(
-                    "stats_port",
-                    format!("{} is also distccd's compile port", self.stats_port),
-                ));
-            }
-        }
-        if self.job_lifetime_secs > MAX_JOB_LIFETIME_SECS {
-            return Err(InvalidSetting::new(
-                "job_lifetime_secs",
-                format!(
-                    "{} is above {MAX_JOB_LIFETIME_SECS}",
-                    self.job_lifetime_secs
-                ),
+                "stats_port",
+                format!("{} is also distccd's compile port", self.stats_port),
             ));
         }
         Ok(())
     }
 
+    /// These settings with a Configure request's fields applied; unset fields keep their
+    /// value. Errors name the request's field. Not yet checked against the policy.
+    pub fn patched(&self, request: &pb::ConfigureRequest) -> Result<Self, InvalidSetting> {
+        let mut next = self.clone();
+        if let Some(allow) = &request.allow {
+            next.allow = Allowlist::parse_entries(&allow.cidrs, "allow")?;
+        }
+        if let Some(jobs) = request.jobs {
+            next.jobs = setting(jobs, "jobs")?;
+        }
+        if let Some(nice) = request.nice {
+            next.nice = setting(nice, "nice")?;
+        }
+        if let Some(listen) = &request.listen {
+            next.listen = listen.parse().map_err(|_| {
+                InvalidSetting::new("listen", format!("{listen:?} is not an IP address"))
+            })?;
+        }
+        if let Some(port) = request.port {
+            next.port = setting(port, "port")?;
+        }
+        if let Some(stats) = request.stats {
+            next.stats = stats;
+        }
+        if let Some(port) = request.stats_port {
+            next.stats_port = setting(port, "stats_port")?;
+        }
+        if let Some(secs) = request.job_lifetime_secs {
+            next.job_lifetime_secs = setting(secs, "job_lifetime_secs")?;
+        }
+        Ok(next)
+    }
+
     /// The allowlist distccd gets: the operator's plus the worker's own address the agent
     /// connects from to read the stats page (loopback, or the listen address itself).
-    pub fn effective_allow(&self) -> Vec<IpNet> {
-        let mut allow = self.allow.clone();
+    pub fn effective_allow(&self) -> Allowlist {
+        let mut allow: Vec<IpNet> = self.allow.iter().collect();
         if self.stats {
             let own = IpNet::from(self.agent_connect_addr());
-            if !allow.iter().any(|net| net.contains(&own)) {
+            if !self.allow.covers(&own) {
                 allow.push(own);
             }
         }
-        allow
+        allow.into_iter().collect()
     }
 
     /// Where the agent reaches distccd on this host.
     pub fn agent_connect_addr(&self) -> IpAddr {
         match self.listen {
             IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             addr => addr,
         }
     }
@@ -239,13 +513,12 @@ impl DistccdSettings {
     /// distccd's arguments after `--no-detach --daemon --log-stderr`.
     pub fn to_args(&self) -> Vec<String> {
         let mut args = Vec::new();
-        for net in self.effective_allow() {
+        for net in self.effective_allow().iter() {
             args.push("--allow".to_owned());
             args.push(net.to_string());
         }
-        if self.jobs > 0 {
-            args.push("--jobs".to_owned());
-            args.push(self.jobs.to_string());
+        if self.jobs.get() > 0 {
+            args.extend(["--jobs".to_owned(), self.jobs.to_string()]);
         }
         args.extend(["--nice".to_owned(), self.nice.to_string()]);
         args.extend(["--listen".to_owned(), self.listen.to_string()]);
@@ -254,7 +527,7 @@ impl DistccdSettings {
             args.push("--stats".to_owned());
             args.extend(["--stats-port".to_owned(), self.stats_port.to_string()]);
         }
-        if self.job_lifetime_secs > 0 {
+        if self.job_lifetime_secs.get() > 0 {
             args.extend([
                 "--job-lifetime".to_owned(),
                 self.job_lifetime_secs.to_string(),
@@ -262,133 +535,21 @@ impl DistccdSettings {
         }
         args
     }
-
-    /// The environment file `distccd.service` reads. Each setting has its own variable, so
-    /// the agent can read the file back; `DISTCCD_OPTS` is what `ExecStart=` expands.
-    pub fn to_env_file(&self) -> String {
-        let allow: Vec<String> = self.allow.iter().map(ToString::to_string).collect();
-        let mut out = String::from(
-            "# Written by distcc-agent. Change settings with its Configure RPC or in\n\
-             # /etc/distcc-agent/agent.toml; edits here are overwritten.\n",
-        );
-        let mut var = |key: &str, value: String| {
-            let _ = writeln!(out, "{key}=\"{value}\"");
-        };
-        var(ENV_ALLOW, allow.join(" "));
-        var(ENV_JOBS, self.jobs.to_string());
-        var(ENV_NICE, self.nice.to_string());
-        var(ENV_LISTEN, self.listen.to_string());
-        var(ENV_PORT, self.port.to_string());
-        var(ENV_STATS, if self.stats { "1" } else { "0" }.to_owned());
-        var(ENV_STATS_PORT, self.stats_port.to_string());
-        var(ENV_JOB_LIFETIME, self.job_lifetime_secs.to_string());
-        var(ENV_OPTS, self.to_args().join(" "));
-        out
-    }
-
-    /// Read settings back from [`Self::to_env_file`]'s output. Errors name the line and key.
-    pub fn from_env_file(path: &Path, text: &str) -> Result<Self, EnvFileError> {
-        let mut vars: BTreeMap<&str, (usize, String)> = BTreeMap::new();
-        for (index, raw) in text.lines().enumerate() {
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-                continue;
-            }
-            let err = |message: String| EnvFileError {
-                path: path.display().to_string(),
-                line: index + 1,
-                key: String::new(),
-                message,
-            };
-            let (key, value) = line
-                .split_once('=')
-                .ok_or_else(|| err("expected KEY=\"value\"".to_owned()))?;
-            let value = value.trim();
-            let value = value
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or(value);
-            vars.insert(key.trim(), (index + 1, value.to_owned()));
-        }
-        let mut settings = DistccdSettings::default();
-        let field = |key: &'static str| -> Result<Option<(usize, &str)>, EnvFileError> {
-            Ok(vars.get(key).map(|(line, value)| (*line, value.as_str())))
-        };
-        let bad = |key: &str, line: usize, message: String| EnvFileError {
-            path: path.display().to_string(),
-            line,
-            key: key.to_owned(),
-            message,
-        };
-        let number = |key: &'static str| -> Result<Option<i64>, EnvFileError> {
-            match field(key)? {
-                None => Ok(None),
-                Some((line, value)) => value
-                    .parse::<i64>()
-                    .map(Some)
-                    .map_err(|_| bad(key, line, format!("{value:?} is not a number"))),
-            }
-        };
-        let in_range = |key: &'static str, value: i64, max: i64| -> Result<i64, EnvFileError> {
-            if (0..=max).contains(&value) {
-                Ok(value)
-            } else {
-                let line = vars.get(key).map_or(0, |(line, _)| *line);
-                Err(bad(key, line, format!("{value} is outside 0..={max}")))
-            }
-        };
-        if let Some((line, value)) = field(ENV_ALLOW)? {
-            settings.allow = value
-                .split_whitespace()
-                .map(|cidr| parse_cidr(cidr).map_err(|message| bad(ENV_ALLOW, line, message)))
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(jobs) = number(ENV_JOBS)? {
-            settings.jobs = in_range(ENV_JOBS, jobs, i64::from(MAX_JOBS))? as u32;
-        }
-        if let Some(nice) = number(ENV_NICE)? {
-            settings.nice = in_range(ENV_NICE, nice, 19)? as i32;
-        }
-        if let Some((line, value)) = field(ENV_LISTEN)? {
-            settings.listen = value
-                .parse()
-                .map_err(|_| bad(ENV_LISTEN, line, format!("{value:?} is not an IP address")))?;
-        }
-        if let Some(port) = number(ENV_PORT)? {
-            settings.port = in_range(ENV_PORT, port, 65535)? as u16;
-        }
-        if let Some(stats) = number(ENV_STATS)? {
-            settings.stats = in_range(ENV_STATS, stats, 1)? == 1;
-        }
-        if let Some(port) = number(ENV_STATS_PORT)? {
-            settings.stats_port = in_range(ENV_STATS_PORT, port, 65535)? as u16;
-        }
-        if let Some(secs) = number(ENV_JOB_LIFETIME)? {
-            settings.job_lifetime_secs =
-                in_range(ENV_JOB_LIFETIME, secs, i64::from(MAX_JOB_LIFETIME_SECS))? as u32;
-        }
-        Ok(settings)
-    }
 }
 
-const ENV_ALLOW: &str = "DISTCCD_ALLOW";
-const ENV_JOBS: &str = "DISTCCD_JOBS";
-const ENV_NICE: &str = "DISTCCD_NICE";
-const ENV_LISTEN: &str = "DISTCCD_LISTEN";
-const ENV_PORT: &str = "DISTCCD_PORT";
-const ENV_STATS: &str = "DISTCCD_STATS";
-const ENV_STATS_PORT: &str = "DISTCCD_STATS_PORT";
-const ENV_JOB_LIFETIME: &str = "DISTCCD_JOB_LIFETIME";
-const ENV_OPTS: &str = "DISTCCD_OPTS";
-
-/// The persisted settings file could not be read back.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{path}:{line}: {key}: {message}")]
-pub struct EnvFileError {
-    pub path: String,
-    pub line: usize,
-    pub key: String,
-    pub message: String,
+impl From<&DistccdSettings> for pb::DistccdSettings {
+    fn from(s: &DistccdSettings) -> Self {
+        pb::DistccdSettings {
+            allow: s.allow.to_strings(),
+            jobs: s.jobs.get(),
+            nice: i32::from(s.nice.get()),
+            listen: s.listen.to_string(),
+            port: u32::from(s.port.get()),
+            stats: s.stats,
+            stats_port: u32::from(s.stats_port.get()),
+            job_lifetime_secs: s.job_lifetime_secs.get(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -400,17 +561,22 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn nets(list: &[&str]) -> Allowlist {
+        list.iter().map(|s| net(s)).collect()
+    }
+
     fn policy() -> AllowPolicy {
         AllowPolicy {
-            allow_within: vec![net("198.18.0.0/15")],
+            allow_within: nets(&["198.18.0.0/15"]),
             permit_public: false,
+            max_allow_entries: AllowPolicy::DEFAULT_MAX_ALLOW_ENTRIES,
         }
     }
 
     fn valid() -> DistccdSettings {
         DistccdSettings {
-            allow: vec![net("198.18.0.0/24")],
-            jobs: 4,
+            allow: nets(&["198.18.0.0/24"]),
+            jobs: Jobs(4),
             ..Default::default()
         }
     }
@@ -423,7 +589,7 @@ mod tests {
     #[test]
     fn empty_allowlist_is_refused() {
         let s = DistccdSettings {
-            allow: vec![],
+            allow: Allowlist::default(),
             ..valid()
         };
         assert_eq!(s.validate(&policy()).unwrap_err().field, "allow");
@@ -432,13 +598,14 @@ mod tests {
     #[test]
     fn whole_internet_is_refused_even_when_public_is_permitted() {
         let policy = AllowPolicy {
-            allow_within: vec![net("0.0.0.0/0")],
+            allow_within: nets(&["0.0.0.0/0"]),
             permit_public: true,
+            ..policy()
         };
         let err = policy.validate("policy.allow_within").unwrap_err();
         assert_eq!(err.field, "policy.allow_within[0]");
         let s = DistccdSettings {
-            allow: vec![net("0.0.0.0/0")],
+            allow: nets(&["0.0.0.0/0"]),
             ..valid()
         };
         assert_eq!(s.validate(&policy).unwrap_err().field, "allow[0]");
@@ -447,8 +614,8 @@ mod tests {
     #[test]
     fn public_range_needs_permission() {
         let wide = AllowPolicy {
-            allow_within: vec![net("8.8.8.0/24")],
-            permit_public: false,
+            allow_within: nets(&["8.8.8.0/24"]),
+            ..policy()
         };
         assert!(wide.validate("policy.allow_within").is_err());
         let permitted = AllowPolicy {
@@ -457,7 +624,7 @@ mod tests {
         };
         permitted.validate("policy.allow_within").unwrap();
         let s = DistccdSettings {
-            allow: vec![net("8.8.8.0/25")],
+            allow: nets(&["8.8.8.0/25"]),
             ..valid()
         };
         s.validate(&permitted).unwrap();
@@ -466,7 +633,7 @@ mod tests {
     #[test]
     fn allowlist_cannot_leave_the_policy() {
         let s = DistccdSettings {
-            allow: vec![net("198.18.0.0/24"), net("10.0.0.0/8")],
+            allow: nets(&["198.18.0.0/24", "10.0.0.0/8"]),
             ..valid()
         };
         let err = s.validate(&policy()).unwrap_err();
@@ -475,67 +642,112 @@ mod tests {
     }
 
     #[test]
-    fn ranges_are_checked() {
-        let p = policy();
+    fn duplicates_are_folded_and_the_count_is_capped() {
+        let many: Vec<String> = (0..2000).map(|_| "198.18.0.7".to_owned()).collect();
+        let folded = Allowlist::parse_entries(&many, "allow").unwrap();
+        assert_eq!(folded, nets(&["198.18.0.7/32"]));
+        let distinct: Vec<String> = (0..65).map(|i| format!("198.18.0.{i}")).collect();
+        let s = DistccdSettings {
+            allow: Allowlist::parse_entries(&distinct, "allow").unwrap(),
+            ..valid()
+        };
+        let err = s.validate(&policy()).unwrap_err();
+        assert_eq!(err.field, "allow");
+        assert!(err.message.contains("max_allow_entries"), "{err}");
+    }
+
+    #[test]
+    fn values_are_checked_where_they_are_made() {
         assert_eq!(
-            DistccdSettings {
-                nice: 20,
-                ..valid()
+            Nice::try_from(20).unwrap_err(),
+            OutOfRange {
+                value: 20,
+                min: 0,
+                max: 19
             }
-            .validate(&p)
-            .unwrap_err()
-            .field,
-            "nice"
         );
+        assert!(Nice::try_from(-1).is_err());
+        assert!(Port::try_from(0).is_err());
+        assert!(Port::try_from(65536).is_err());
+        assert!(Jobs::try_from(1025).is_err());
+        assert_eq!("19".parse::<Nice>().unwrap().get(), 19);
         assert_eq!(
-            DistccdSettings {
-                nice: -1,
-                ..valid()
-            }
-            .validate(&p)
-            .unwrap_err()
-            .field,
-            "nice"
+            "lots".parse::<Nice>().unwrap_err(),
+            "\"lots\" is not a number"
         );
+        let same_ports = DistccdSettings {
+            stats_port: Port(3632),
+            ..valid()
+        };
         assert_eq!(
-            DistccdSettings { port: 0, ..valid() }
-                .validate(&p)
-                .unwrap_err()
-                .field,
-            "port"
-        );
-        assert_eq!(
-            DistccdSettings {
-                stats_port: 3632,
-                ..valid()
-            }
-            .validate(&p)
-            .unwrap_err()
-            .field,
+            same_ports.validate(&policy()).unwrap_err().field,
             "stats_port"
-        );
-        assert_eq!(
-            DistccdSettings {
-                jobs: MAX_JOBS + 1,
-                ..valid()
-            }
-            .validate(&p)
-            .unwrap_err()
-            .field,
-            "jobs"
         );
     }
 
     #[test]
     fn cidr_parsing() {
-        assert_eq!(parse_cidr("198.18.0.7").unwrap(), net("198.18.0.7/32"));
+        assert_eq!(
+            "198.18.0.7".parse::<Cidr>().unwrap().net(),
+            net("198.18.0.7/32")
+        );
         assert!(
-            parse_cidr("198.18.0.7/24")
+            "198.18.0.7/24"
+                .parse::<Cidr>()
                 .unwrap_err()
                 .contains("198.18.0.0/24")
         );
-        assert!(parse_cidr("nonsense").is_err());
-        assert!(parse_cidr("198.18.0.0/33").is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+        assert!("198.18.0.0/33".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn a_request_patches_only_what_it_sets() {
+        let request = pb::ConfigureRequest {
+            jobs: Some(8),
+            allow: Some(pb::AllowList {
+                cidrs: vec!["198.18.0.0/25".into()],
+            }),
+            ..Default::default()
+        };
+        let next = valid().patched(&request).unwrap();
+        assert_eq!(next.jobs, Jobs(8));
+        assert_eq!(next.allow, nets(&["198.18.0.0/25"]));
+        assert_eq!(next.nice, valid().nice);
+        for (request, field) in [
+            (
+                pb::ConfigureRequest {
+                    nice: Some(40),
+                    ..Default::default()
+                },
+                "nice",
+            ),
+            (
+                pb::ConfigureRequest {
+                    port: Some(70000),
+                    ..Default::default()
+                },
+                "port",
+            ),
+            (
+                pb::ConfigureRequest {
+                    listen: Some("nowhere".into()),
+                    ..Default::default()
+                },
+                "listen",
+            ),
+            (
+                pb::ConfigureRequest {
+                    allow: Some(pb::AllowList {
+                        cidrs: vec!["198.18.0.0/24".into(), "bogus".into()],
+                    }),
+                    ..Default::default()
+                },
+                "allow[1]",
+            ),
+        ] {
+            assert_eq!(valid().patched(&request).unwrap_err().field, field);
+        }
     }
 
     #[test]
@@ -551,11 +763,11 @@ mod tests {
             ..valid()
         };
         // The listen address is inside the allowlist already: nothing is added.
-        assert_eq!(specific.effective_allow(), vec![net("198.18.0.0/24")]);
+        assert_eq!(specific.effective_allow(), nets(&["198.18.0.0/24"]));
         let no_stats = DistccdSettings {
             stats: false,
-            job_lifetime_secs: 60,
-            jobs: 0,
+            job_lifetime_secs: JobLifetimeSecs(60),
+            jobs: Jobs(0),
             ..valid()
         };
         assert_eq!(
@@ -565,35 +777,21 @@ mod tests {
     }
 
     #[test]
-    fn env_file_round_trips() {
+    fn json_round_trips_and_rejects_bad_values() {
         let s = DistccdSettings {
-            allow: vec![net("198.18.0.0/24"), net("10.1.0.0/16")],
-            jobs: 7,
-            nice: 3,
+            allow: nets(&["198.18.0.0/24", "10.1.0.0/16"]),
+            jobs: Jobs(7),
+            nice: Nice(3),
             listen: "198.18.0.11".parse().unwrap(),
-            port: 4000,
+            port: Port(4000),
             stats: false,
-            stats_port: 4001,
-            job_lifetime_secs: 120,
+            stats_port: Port(4001),
+            job_lifetime_secs: JobLifetimeSecs(120),
         };
-        let text = s.to_env_file();
-        assert_eq!(
-            DistccdSettings::from_env_file(Path::new("x"), &text).unwrap(),
-            s
-        );
-        assert!(text.contains("DISTCCD_OPTS=\"--allow 198.18.0.0/24 --allow 10.1.0.0/16 --jobs 7"));
-    }
-
-    #[test]
-    fn env_file_errors_name_line_and_key() {
-        let text = "# c\nDISTCCD_ALLOW=\"198.18.0.0/24\"\nDISTCCD_NICE=\"lots\"\n";
-        let err = DistccdSettings::from_env_file(Path::new("/s/distccd.env"), text).unwrap_err();
-        assert_eq!((err.line, err.key.as_str()), (3, "DISTCCD_NICE"));
-        assert_eq!(
-            err.to_string(),
-            "/s/distccd.env:3: DISTCCD_NICE: \"lots\" is not a number"
-        );
-        let err = DistccdSettings::from_env_file(Path::new("f"), "garbage\n").unwrap_err();
-        assert_eq!(err.line, 1);
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<DistccdSettings>(&json).unwrap(), s);
+        let err = serde_json::from_str::<DistccdSettings>(r#"{"nice": 40}"#).unwrap_err();
+        assert!(err.to_string().contains("40 is outside 0..=19"), "{err}");
+        assert!(serde_json::from_str::<DistccdSettings>(r#"{"nicenes": 4}"#).is_err());
     }
 }

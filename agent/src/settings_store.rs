@@ -1,14 +1,20 @@
-//! distccd's settings on disk: the environment file `distccd.service` reads, written
-//! atomically (temp file in the same directory, fsync, rename, fsync the directory) so
-//! distccd never sees a half-written file and a crash leaves the old or the new one.
+//! distccd's settings on disk. `settings.json` holds the settings and their generation
+//! (the source of truth); `distccd.env` is rendered from it for `distccd.service`
+//! (`DISTCCD_OPTS`, which `ExecStart=` expands) and never read back. Both are written
+//! atomically (temp file in the same directory, fsync, rename, fsync the directory), so a
+//! reader sees the old or the new file, never half of one.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::settings::{DistccdSettings, EnvFileError};
+use crate::settings::DistccdSettings;
+
+pub const SETTINGS_FILE: &str = "settings.json";
+pub const ENV_FILE: &str = "distccd.env";
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -17,108 +23,298 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Parse(#[from] EnvFileError),
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// The persisted settings. `generation` counts the changes since the first one: a
+/// Configure can name the generation it was based on, so a stale change is refused instead
+/// of silently overwriting another admin's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Persisted {
+    pub generation: u64,
+    pub settings: DistccdSettings,
 }
 
 #[derive(Debug, Clone)]
 pub struct SettingsStore {
-    path: PathBuf,
+    dir: PathBuf,
 }
 
 impl SettingsStore {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path }
+    /// The store in the agent's state directory.
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn settings_path(&self) -> PathBuf {
+        self.dir.join(SETTINGS_FILE)
     }
 
-    fn io(&self, source: std::io::Error) -> StoreError {
-        StoreError::Io {
-            path: self.path.display().to_string(),
-            source,
+    /// The file `distccd.service` reads (`EnvironmentFile=`).
+    pub fn env_path(&self) -> PathBuf {
+        self.dir.join(ENV_FILE)
+    }
+
+    /// The persisted settings, or `None` when nothing was persisted yet. Settings persisted
+    /// by agent 0.1 (only an environment file, one variable per setting) are migrated.
+    pub fn load(&self) -> Result<Option<Persisted>, StoreError> {
+        let path = self.settings_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.migrate_v1(),
+            Err(source) => return Err(io(&path, source)),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StoreError::Parse {
+                path: path.display().to_string(),
+                line: e.line(),
+                column: e.column(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Persist `settings` as the next generation after `previous` (`None`: the first), then
+    /// render distccd's environment file from them. Returns what was persisted.
+    pub fn save(
+        &self,
+        settings: &DistccdSettings,
+        previous: Option<u64>,
+    ) -> Result<Persisted, StoreError> {
+        let persisted = Persisted {
+            generation: previous.map_or(1, |g| g.saturating_add(1)),
+            settings: settings.clone(),
+        };
+        self.write(&persisted)?;
+        Ok(persisted)
+    }
+
+    fn write(&self, persisted: &Persisted) -> Result<(), StoreError> {
+        let mut json = serde_json::to_string_pretty(persisted).map_err(|e| StoreError::Parse {
+            path: self.settings_path().display().to_string(),
+            line: 0,
+            column: 0,
+            message: e.to_string(),
+        })?;
+        json.push('\n');
+        write_atomically(&self.settings_path(), json.as_bytes())?;
+        self.render_env(&persisted.settings)
+    }
+
+    /// Put back exactly `persisted` (a rolled-back change). Generation 0 (nothing was
+    /// persisted before) is written as the first generation.
+    pub fn restore(&self, persisted: &Persisted) -> Result<(), StoreError> {
+        if persisted.generation == 0 {
+            return self.save(&persisted.settings, None).map(|_| ());
+        }
+        self.write(persisted)
+    }
+
+    /// Rewrite distccd's environment file when it does not match `settings` (it is only
+    /// ever derived from them; a crash between the two writes of [`Self::save`] leaves it
+    /// behind). Returns whether it was rewritten. distccd reads it on its next start.
+    pub fn ensure_env_rendered(&self, settings: &DistccdSettings) -> Result<bool, StoreError> {
+        let wanted = env_file_text(settings);
+        match std::fs::read_to_string(self.env_path()) {
+            Ok(text) if text == wanted => Ok(false),
+            _ => self.render_env(settings).map(|()| true),
         }
     }
 
-    /// The persisted settings, or `None` when nothing was persisted yet.
-    pub fn load(&self) -> Result<Option<DistccdSettings>, StoreError> {
-        match std::fs::read_to_string(&self.path) {
-            Ok(text) => Ok(Some(DistccdSettings::from_env_file(&self.path, &text)?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io(e)),
+    /// Agent 0.1 kept the settings in the environment file as `DISTCCD_ALLOW="..."`,
+    /// `DISTCCD_JOBS="..."`... Their values go through the same deserialization as
+    /// settings.json, so they are checked the same way.
+    fn migrate_v1(&self) -> Result<Option<Persisted>, StoreError> {
+        let path = self.env_path();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(None);
+        };
+        let mut fields = serde_json::Map::new();
+        for line in text.lines() {
+            let Some((key, value)) = line.trim().split_once('=') else {
+                continue;
+            };
+            let Some(field) = key.strip_prefix("DISTCCD_") else {
+                continue;
+            };
+            let value = value.trim().trim_matches('"');
+            let field = field.to_ascii_lowercase();
+            let json = match field.as_str() {
+                "opts" => continue,
+                "allow" => serde_json::json!(value.split_whitespace().collect::<Vec<_>>()),
+                "listen" => serde_json::json!(value),
+                "stats" => serde_json::json!(value == "1"),
+                "job_lifetime" => {
+                    fields.insert("job_lifetime_secs".into(), number(value));
+                    continue;
+                }
+                _ => number(value),
+            };
+            fields.insert(field, json);
         }
+        if !fields.contains_key("allow") {
+            return Ok(None);
+        }
+        let settings: DistccdSettings =
+            serde_json::from_value(fields.into()).map_err(|e| StoreError::Parse {
+                path: path.display().to_string(),
+                line: 0,
+                column: 0,
+                message: format!("migrating agent 0.1 settings: {e}"),
+            })?;
+        tracing::info!(from = %path.display(), "migrated agent 0.1 settings to {SETTINGS_FILE}");
+        self.save(&settings, None).map(Some)
     }
 
-    /// Replace the file atomically. Readable by distccd's user (mode 0644): it holds no
-    /// secret, only the allowlist and limits.
-    pub fn save(&self, settings: &DistccdSettings) -> Result<(), StoreError> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
-        let mut temp = tempfile::Builder::new()
-            .prefix(".distccd.env.")
-            .tempfile_in(dir)
-            .map_err(|e| self.io(e))?;
-        temp.write_all(settings.to_env_file().as_bytes())
-            .map_err(|e| self.io(e))?;
-        temp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| self.io(e))?;
-        temp.as_file().sync_all().map_err(|e| self.io(e))?;
-        temp.persist(&self.path).map_err(|e| self.io(e.error))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| self.io(e))?;
-        Ok(())
+    fn render_env(&self, settings: &DistccdSettings) -> Result<(), StoreError> {
+        write_atomically(&self.env_path(), env_file_text(settings).as_bytes())
     }
+}
+
+/// A number as JSON, or the text itself (which then fails deserialization, named).
+fn number(value: &str) -> serde_json::Value {
+    value
+        .parse::<i64>()
+        .map_or_else(|_| serde_json::json!(value), |n| serde_json::json!(n))
+}
+
+fn env_file_text(settings: &DistccdSettings) -> String {
+    format!(
+        "# Written by distcc-agent from {SETTINGS_FILE}; change settings with its Configure RPC\n\
+         # or in /etc/distcc-agent/agent.toml. Edits here are overwritten.\n\
+         DISTCCD_OPTS=\"{}\"\n",
+        settings.to_args().join(" ")
+    )
+}
+
+fn io(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Replace `path` with `bytes`. Mode 0644: distccd's user reads the environment file; the
+/// settings hold no secret, only the allowlist and limits.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let err = |source| io(path, source);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let mut temp = tempfile::Builder::new()
+        .prefix(".tmp.")
+        .tempfile_in(dir)
+        .map_err(err)?;
+    temp.write_all(bytes).map_err(err)?;
+    temp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(err)?;
+    temp.as_file().sync_all().map_err(err)?;
+    temp.persist(path).map_err(|e| err(e.error))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::settings::Jobs;
 
-    #[test]
-    fn save_then_load_and_no_temp_files_left() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SettingsStore::new(dir.path().join("state/distccd.env"));
-        assert_eq!(store.load().unwrap(), None);
-        let settings = DistccdSettings {
-            allow: vec!["198.18.0.0/24".parse().unwrap()],
-            jobs: 3,
+    fn settings(jobs: i64) -> DistccdSettings {
+        DistccdSettings {
+            allow: ["198.18.0.0/24".parse().unwrap()].into_iter().collect(),
+            jobs: Jobs::try_from(jobs).unwrap(),
             ..Default::default()
-        };
-        store.save(&settings).unwrap();
-        assert_eq!(store.load().unwrap(), Some(settings.clone()));
-        let changed = DistccdSettings {
-            jobs: 9,
-            ..settings
-        };
-        store.save(&changed).unwrap();
-        assert_eq!(store.load().unwrap(), Some(changed));
-        let names: Vec<_> = std::fs::read_dir(dir.path().join("state"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names, vec!["distccd.env"]);
-        let mode = std::fs::metadata(store.path())
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o644);
+        }
     }
 
     #[test]
-    fn a_corrupt_file_is_reported_with_its_line() {
+    fn save_then_load_counts_generations_and_leaves_no_temp_files() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("distccd.env");
-        std::fs::write(&path, "DISTCCD_PORT=\"99999\"\n").unwrap();
-        let err = SettingsStore::new(path).load().unwrap_err();
+        let store = SettingsStore::new(dir.path().join("state"));
+        assert_eq!(store.load().unwrap(), None);
+        let first = store.save(&settings(3), None).unwrap();
+        assert_eq!(first.generation, 1);
+        assert_eq!(store.load().unwrap(), Some(first.clone()));
+        let second = store.save(&settings(9), Some(first.generation)).unwrap();
+        assert_eq!(second.generation, 2);
+        assert_eq!(store.load().unwrap().unwrap().settings, settings(9));
+        let mut names: Vec<_> = std::fs::read_dir(dir.path().join("state"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![ENV_FILE, SETTINGS_FILE]);
+        for path in [store.env_path(), store.settings_path()] {
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644);
+        }
+    }
+
+    #[test]
+    fn the_env_file_is_rendered_from_the_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SettingsStore::new(dir.path().to_owned());
+        store.save(&settings(7), None).unwrap();
+        let env = std::fs::read_to_string(store.env_path()).unwrap();
         assert!(
-            err.to_string()
-                .ends_with(":1: DISTCCD_PORT: 99999 is outside 0..=65535"),
-            "{err}"
+            env.contains("DISTCCD_OPTS=\"--allow 198.18.0.0/24 --allow 127.0.0.1/32 --jobs 7 "),
+            "{env}"
         );
+        assert!(!store.ensure_env_rendered(&settings(7)).unwrap());
+        // Left behind by a crash between the two writes, or edited by hand: re-rendered.
+        std::fs::write(store.env_path(), "DISTCCD_OPTS=\"--allow 0.0.0.0/0\"\n").unwrap();
+        assert!(store.ensure_env_rendered(&settings(7)).unwrap());
+        assert_eq!(std::fs::read_to_string(store.env_path()).unwrap(), env);
+    }
+
+    #[test]
+    fn settings_of_agent_0_1_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SettingsStore::new(dir.path().to_owned());
+        std::fs::write(
+            store.env_path(),
+            "# Written by distcc-agent.\nDISTCCD_ALLOW=\"198.18.0.0/24\"\nDISTCCD_JOBS=\"7\"\n\
+             DISTCCD_NICE=\"10\"\nDISTCCD_LISTEN=\"0.0.0.0\"\nDISTCCD_PORT=\"3632\"\n\
+             DISTCCD_STATS=\"1\"\nDISTCCD_STATS_PORT=\"3633\"\nDISTCCD_JOB_LIFETIME=\"0\"\n\
+             DISTCCD_OPTS=\"--allow 198.18.0.0/24 --jobs 7\"\n",
+        )
+        .unwrap();
+        let migrated = store.load().unwrap().unwrap();
+        assert_eq!(
+            migrated,
+            Persisted {
+                generation: 1,
+                settings: settings(7)
+            }
+        );
+        assert_eq!(store.load().unwrap(), Some(migrated));
+        // A file without an allowlist was never written by the agent: nothing to migrate.
+        let empty = tempfile::tempdir().unwrap();
+        let store = SettingsStore::new(empty.path().to_owned());
+        std::fs::write(store.env_path(), "DISTCCD_OPTS=\"\"\n").unwrap();
+        assert_eq!(store.load().unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_reported_with_its_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SettingsStore::new(dir.path().to_owned());
+        std::fs::write(
+            store.settings_path(),
+            "{\"generation\": 1,\n \"settings\": {\"port\": 99999}}\n",
+        )
+        .unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("settings.json:2:"), "{err}");
+        assert!(err.contains("99999 is outside 1..=65535"), "{err}");
     }
 }

@@ -15,8 +15,8 @@ use crate::capacity::Capacity;
 use crate::compilers::CompilerCatalog;
 use crate::config::AgentConfig;
 use crate::listening::is_listening;
-use crate::settings::{DistccdSettings, InvalidSetting, parse_cidr};
-use crate::settings_store::{SettingsStore, StoreError};
+use crate::settings::{DistccdSettings, InvalidSetting};
+use crate::settings_store::{Persisted, SettingsStore, StoreError};
 use crate::stats::DistccdStats;
 use crate::unit_control::{UnitControl, UnitError, UnitState};
 
@@ -37,6 +37,11 @@ pub enum WorkerError {
     Unit(#[from] UnitError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Configure named a settings generation that is no longer the one in effect.
+    #[error(
+        "expected_generation: the settings are at generation {current}, not {expected}; another change came first. Read Status and retry"
+    )]
+    StaleGeneration { expected: u64, current: u64 },
     /// distccd did not come up with the new settings; the previous ones are back.
     #[error(
         "{reason}; restored the previous settings ({restored}). distccd's last log lines:\n{journal}"
@@ -48,72 +53,13 @@ pub enum WorkerError {
     },
 }
 
-/// A partial update of the settings: `None` keeps the current value.
-#[derive(Debug, Clone, Default)]
-pub struct SettingsUpdate {
-    pub allow: Option<Vec<String>>,
-    pub jobs: Option<u32>,
-    pub nice: Option<i32>,
-    pub listen: Option<String>,
-    pub port: Option<u32>,
-    pub stats: Option<bool>,
-    pub stats_port: Option<u32>,
-    pub job_lifetime_secs: Option<u32>,
-}
-
-impl SettingsUpdate {
-    /// The full settings in `base` plus this update; errors name the request field.
-    pub fn apply_to(&self, base: &DistccdSettings) -> Result<DistccdSettings, InvalidSetting> {
-        let mut next = base.clone();
-        if let Some(allow) = &self.allow {
-            next.allow = allow
-                .iter()
-                .enumerate()
-                .map(|(i, cidr)| {
-                    parse_cidr(cidr).map_err(|m| InvalidSetting::new(format!("allow[{i}]"), m))
-                })
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(jobs) = self.jobs {
-            next.jobs = jobs;
-        }
-        if let Some(nice) = self.nice {
-            next.nice = nice;
-        }
-        if let Some(listen) = &self.listen {
-            next.listen = listen.parse().map_err(|_| {
-                InvalidSetting::new("listen", format!("{listen:?} is not an IP address"))
-            })?;
-        }
-        let port = |value: u32, field: &str| {
-            u16::try_from(value)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| {
-                    InvalidSetting::new(field, format!("{value} is not a port (1..=65535)"))
-                })
-        };
-        if let Some(p) = self.port {
-            next.port = port(p, "port")?;
-        }
-        if let Some(stats) = self.stats {
-            next.stats = stats;
-        }
-        if let Some(p) = self.stats_port {
-            next.stats_port = port(p, "stats_port")?;
-        }
-        if let Some(secs) = self.job_lifetime_secs {
-            next.job_lifetime_secs = secs;
-        }
-        Ok(next)
-    }
-}
-
 /// Summary of a successful Configure.
 #[derive(Debug, Clone)]
 pub struct ConfigureOutcome {
     pub previous: DistccdSettings,
     pub applied: DistccdSettings,
+    /// The settings generation now persisted.
+    pub generation: u64,
     pub changed: bool,
     pub unit: UnitState,
 }
@@ -162,7 +108,7 @@ impl JobsRunning {
 
 impl<U: UnitControl> Worker<U> {
     pub fn new(unit: U, config: AgentConfig) -> Self {
-        let store = SettingsStore::new(config.env_file());
+        let store = SettingsStore::new(config.state_dir.clone());
         Self {
             unit,
             config: RwLock::new(Arc::new(config)),
@@ -209,6 +155,12 @@ impl<U: UnitControl> Worker<U> {
         self.settings_and_persisted().map(|(settings, _)| settings)
     }
 
+    /// The settings in effect and their generation (0: none persisted yet).
+    pub fn current_settings_generation(&self) -> Result<(DistccdSettings, u64), StoreError> {
+        self.settings_and_persisted()
+            .map(|(settings, persisted)| (settings, persisted.unwrap_or(0)))
+    }
+
     /// Whether an allowlist is configured at all (the shipped default config has none).
     pub fn has_allowlist(&self) -> bool {
         self.current_settings().is_ok_and(|s| !s.allow.is_empty())
@@ -218,7 +170,14 @@ impl<U: UnitControl> Worker<U> {
     /// bootstrap distccd. Later starts leave distccd alone, so restarting or upgrading
     /// the agent never interrupts compiles.
     pub async fn first_start(&self) -> Result<bool, WorkerError> {
-        if self.store.load()?.is_some() {
+        if let Some(persisted) = self.store.load()? {
+            // A crash between writing the settings and rendering distccd's file from them
+            // must not leave distccd to start with other settings next time.
+            if self.store.ensure_env_rendered(&persisted.settings)? {
+                tracing::warn!(
+                    "distccd's environment file did not match the persisted settings; re-rendered it"
+                );
+            }
             return Ok(false);
         }
         let defaults = self.config().distccd.clone();
@@ -226,7 +185,7 @@ impl<U: UnitControl> Worker<U> {
             return Ok(false);
         }
         let _guard = self.ops.lock().await;
-        self.store.save(&defaults)?;
+        self.store.save(&defaults, None)?;
         self.unit.enable().await?;
         self.unit.start().await?;
         self.wait_serving(&defaults)
@@ -255,6 +214,7 @@ impl<U: UnitControl> Worker<U> {
             return Ok(Some(ConfigureOutcome {
                 previous: old.distccd.clone(),
                 applied: distccd,
+                generation: 1,
                 changed: true,
                 unit,
             }));
@@ -264,73 +224,98 @@ impl<U: UnitControl> Worker<U> {
         self.apply(previous, persisted, distccd).await.map(Some)
     }
 
-    /// Validate `update` against the policy, persist it, restart distccd and wait until
-    /// it serves; on failure restore the previous settings.
+    /// Apply a Configure request's fields over the settings in effect, validate the result
+    /// against the policy, persist it, restart distccd and wait until it serves; on failure
+    /// restore the previous settings. `expected_generation`, when set, must be the
+    /// generation in effect: two admins cannot silently overwrite each other's change.
     pub async fn configure(
         &self,
-        update: &SettingsUpdate,
+        request: &pb::ConfigureRequest,
     ) -> Result<ConfigureOutcome, WorkerError> {
         let _guard = self.ops.lock().await;
         let (previous, persisted) = self.settings_and_persisted()?;
-        let next = update.apply_to(&previous)?;
+        if let Some(expected) = request.expected_generation {
+            let current = persisted.unwrap_or(0);
+            if expected != current {
+                return Err(WorkerError::StaleGeneration { expected, current });
+            }
+        }
+        let next = previous.patched(request)?;
         self.apply(previous, persisted, next).await
     }
 
-    /// The settings in effect, and whether they come from the persisted file (rather
-    /// than the config's defaults): one read of the file.
-    fn settings_and_persisted(&self) -> Result<(DistccdSettings, bool), StoreError> {
+    /// The settings in effect, and the generation of the persisted file they come from
+    /// (`None`: the config's defaults, nothing persisted yet): one read of the file.
+    fn settings_and_persisted(&self) -> Result<(DistccdSettings, Option<u64>), StoreError> {
         Ok(match self.store.load()? {
-            Some(settings) => (settings, true),
-            None => (self.config().distccd.clone(), false),
+            Some(Persisted {
+                generation,
+                settings,
+            }) => (settings, Some(generation)),
+            None => (self.config().distccd.clone(), None),
         })
     }
 
-    /// Apply `next` over `previous` (persisted or not); callers hold `ops`.
+    /// Apply `next` over `previous` (of generation `persisted`); callers hold `ops`.
     async fn apply(
         &self,
         previous: DistccdSettings,
-        persisted: bool,
+        persisted: Option<u64>,
         next: DistccdSettings,
     ) -> Result<ConfigureOutcome, WorkerError> {
         next.validate(&self.config().policy)?;
         let unit_before = self.unit.state().await?;
-        if next == previous && unit_before.is_active() && persisted {
+        if let Some(generation) = persisted
+            && next == previous
+            && unit_before.is_active()
+        {
             return Ok(ConfigureOutcome {
                 previous: previous.clone(),
                 applied: next,
+                generation,
                 changed: false,
                 unit: unit_before,
             });
         }
-        self.store.save(&next)?;
+        let saved = self.store.save(&next, persisted)?;
         let outcome = match self.unit.restart().await {
             Ok(()) => self.wait_serving(&next).await,
             Err(e) => Err(e.to_string()),
         };
         match outcome {
             Ok(unit) => {
-                tracing::info!(settings = ?next, "distccd restarted with new settings");
+                tracing::info!(settings = ?next, generation = saved.generation, "distccd restarted with new settings");
                 Ok(ConfigureOutcome {
                     previous,
                     applied: next,
+                    generation: saved.generation,
                     changed: true,
                     unit,
                 })
             }
-            Err(reason) => Err(self.roll_back(&previous, reason).await),
+            Err(reason) => {
+                let previous = Persisted {
+                    generation: persisted.unwrap_or(0),
+                    settings: previous,
+                };
+                Err(self.roll_back(&previous, reason).await)
+            }
         }
     }
 
-    async fn roll_back(&self, previous: &DistccdSettings, reason: String) -> WorkerError {
+    /// Put back exactly what was persisted before (same generation: the failed change
+    /// never happened as far as other admins are concerned). Settings that were never
+    /// persisted (generation 0) are restored as the first generation.
+    async fn roll_back(&self, previous: &Persisted, reason: String) -> WorkerError {
         let journal = self.journal_tail().await;
         tracing::warn!(%reason, "distccd did not come up with the new settings; rolling back");
         let restored = async {
-            self.store.save(previous).map_err(|e| e.to_string())?;
+            self.store.restore(previous).map_err(|e| e.to_string())?;
             // A failed unit refuses nothing, but its restart counter and result would
             // confuse the next reader; start from a clean slate.
             let _ = self.unit.reset_failed().await;
             self.unit.restart().await.map_err(|e| e.to_string())?;
-            self.wait_serving(previous).await
+            self.wait_serving(&previous.settings).await
         }
         .await;
         let restored = match restored {
@@ -356,7 +341,7 @@ impl<U: UnitControl> Worker<U> {
                     state.result
                 ));
             }
-            if state.is_active() && is_listening(settings.port) {
+            if state.is_active() && is_listening(settings.port.get()) {
                 return Ok(state);
             }
             if Instant::now() >= deadline {
@@ -459,8 +444,8 @@ impl<U: UnitControl> Worker<U> {
         }
         let mut steps = Vec::new();
         if self.store.load()?.is_none() {
-            self.store.save(&settings)?;
-            steps.push(format!("wrote {}", self.store.path().display()));
+            self.store.save(&settings, None)?;
+            steps.push(format!("wrote {}", self.store.settings_path().display()));
         }
         self.unit.enable().await?;
         steps.push("enabled".to_owned());
@@ -477,7 +462,7 @@ impl<U: UnitControl> Worker<U> {
     /// settings in effect if nothing was persisted yet.
     fn ensure_persisted(&self) -> Result<(), StoreError> {
         if self.store.load()?.is_none() {
-            self.store.save(&self.config().distccd)?;
+            self.store.save(&self.config().distccd, None)?;
         }
         Ok(())
     }
@@ -490,10 +475,10 @@ impl<U: UnitControl> Worker<U> {
                 ..Default::default()
             };
         }
-        let addr = SocketAddr::new(settings.agent_connect_addr(), settings.stats_port);
+        let addr = SocketAddr::new(settings.agent_connect_addr(), settings.stats_port.get());
         match DistccdStats::fetch(addr, STATS_TIMEOUT).await {
             Ok(stats) => pb::DistccdStats {
-                jobs_running: self.jobs_running.get(settings.port),
+                jobs_running: self.jobs_running.get(settings.port.get()),
                 ..stats_to_proto(&stats)
             },
             Err(e) => pb::DistccdStats {
@@ -508,7 +493,7 @@ impl<U: UnitControl> Worker<U> {
     pub async fn status(&self, refresh_compilers: bool) -> Result<pb::WorkerStatus, WorkerError> {
         let config = self.config();
         let unit = self.refresh_state().await?;
-        let settings = self.current_settings()?;
+        let (settings, settings_generation) = self.current_settings_generation()?;
         let stats = if unit.is_active() {
             self.stats(&settings).await
         } else {
@@ -537,12 +522,9 @@ impl<U: UnitControl> Worker<U> {
             hostname: self.hostname.clone(),
             agent_version: crate::VERSION.to_owned(),
             unit: Some(unit_to_proto(&unit)),
-            effective_allow: settings
-                .effective_allow()
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
-            settings: Some(settings_to_proto(&settings)),
+            effective_allow: settings.effective_allow().to_strings(),
+            settings: Some((&settings).into()),
+            settings_generation,
             capacity: Some(pb::Capacity {
                 online_cpus: capacity.online_cpus,
                 load1: capacity.load[0],
@@ -651,7 +633,7 @@ impl<U: UnitControl> Worker<U> {
         );
 
         let settings = self.current_settings();
-        let port = settings.as_ref().map_or(3632, |s| s.port);
+        let port = settings.as_ref().map_or(3632, |s| s.port.get());
         check(
             "port-listening",
             if is_listening(port) {
@@ -668,10 +650,7 @@ impl<U: UnitControl> Worker<U> {
             match &settings {
                 Ok(s) => s
                     .validate(&config.policy)
-                    .map(|()| {
-                        let allow: Vec<String> = s.allow.iter().map(ToString::to_string).collect();
-                        format!("allow {}", allow.join(", "))
-                    })
+                    .map(|()| format!("allow {}", s.allow))
                     .map_err(|e| {
                         (
                             e.to_string(),
@@ -818,19 +797,6 @@ pub fn unit_to_proto(s: &UnitState) -> pb::UnitState {
         unit_file_state: s.unit_file_state.clone(),
         n_restarts: s.n_restarts,
         result: s.result.clone(),
-    }
-}
-
-pub fn settings_to_proto(s: &DistccdSettings) -> pb::DistccdSettings {
-    pb::DistccdSettings {
-        allow: s.allow.iter().map(ToString::to_string).collect(),
-        jobs: s.jobs,
-        nice: s.nice,
-        listen: s.listen.to_string(),
-        port: u32::from(s.port),
-        stats: s.stats,
-        stats_port: u32::from(s.stats_port),
-        job_lifetime_secs: s.job_lifetime_secs,
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::AgentConfig;
-use crate::settings::{AllowPolicy, DistccdSettings};
+use crate::settings::{AllowPolicy, Allowlist, DistccdSettings, Port};
 use crate::unit_control::{ChangeStream, UnitFuture};
 
 #[derive(Default)]
@@ -41,13 +41,27 @@ impl FakeDistccd {
             .map(|l| l.local_addr().unwrap().port())
     }
 
+    /// Binds what distccd would: `--listen` and `--port` of the DISTCCD_OPTS line.
     fn launch(&self) {
         let mut state = self.state.lock().unwrap();
         state.listener = None;
         let text = std::fs::read_to_string(&self.env_file)
             .expect("distccd.service needs its environment file");
-        let settings = DistccdSettings::from_env_file(&self.env_file, &text).unwrap();
-        match TcpListener::bind(SocketAddr::new(settings.listen, settings.port)) {
+        let opts = text
+            .lines()
+            .find_map(|l| l.strip_prefix("DISTCCD_OPTS=\""))
+            .and_then(|l| l.strip_suffix('"'))
+            .expect("DISTCCD_OPTS");
+        let args: Vec<&str> = opts.split_whitespace().collect();
+        let value = |flag: &str| {
+            let at = args.iter().position(|a| *a == flag).expect(flag);
+            args[at + 1]
+        };
+        let addr = SocketAddr::new(
+            value("--listen").parse().unwrap(),
+            value("--port").parse().unwrap(),
+        );
+        match TcpListener::bind(addr) {
             Ok(listener) => {
                 state.listener = Some(listener);
                 state.failed = false;
@@ -112,6 +126,10 @@ impl UnitControl for FakeDistccd {
     }
 }
 
+fn port(number: u16) -> Port {
+    Port::try_from(i64::from(number)).unwrap()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -128,11 +146,11 @@ struct Fixture {
 impl Fixture {
     fn new(allow: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let allow: Vec<ipnet::IpNet> = allow.iter().map(|a| a.parse().unwrap()).collect();
+        let allow: Allowlist = allow.iter().map(|a| a.parse().unwrap()).collect();
         let distccd = DistccdSettings {
             allow: allow.clone(),
             listen: "127.0.0.1".parse().unwrap(),
-            port: free_port(),
+            port: port(free_port()),
             stats: false,
             ..Default::default()
         };
@@ -150,11 +168,12 @@ impl Fixture {
             policy: AllowPolicy {
                 allow_within: allow,
                 permit_public: false,
+                max_allow_entries: AllowPolicy::DEFAULT_MAX_ALLOW_ENTRIES,
             },
             distccd,
         };
         let unit = FakeDistccd {
-            env_file: config.env_file(),
+            env_file: config.state_dir.join(crate::settings_store::ENV_FILE),
             state: Mutex::default(),
         };
         Self {
@@ -202,20 +221,61 @@ async fn configure_persists_and_restarts() {
     let f = Fixture::new(&["198.18.0.0/24"]);
     f.worker.first_start().await.unwrap();
     let port = free_port();
-    let update = SettingsUpdate {
+    let update = pb::ConfigureRequest {
         port: Some(u32::from(port)),
         jobs: Some(6),
         ..Default::default()
     };
     let outcome = f.worker.configure(&update).await.unwrap();
     assert!(outcome.changed);
-    assert_eq!((outcome.applied.port, outcome.applied.jobs), (port, 6));
+    assert_eq!(
+        (outcome.applied.port.get(), outcome.applied.jobs.get()),
+        (port, 6)
+    );
+    assert_eq!(
+        outcome.generation, 2,
+        "the first start persisted generation 1"
+    );
     assert_eq!(f.unit().port(), Some(port), "restarted on the new port");
-    assert_eq!(f.worker.current_settings().unwrap().port, port);
-    // Same again: nothing to do, no restart.
+    assert_eq!(f.worker.current_settings().unwrap().port.get(), port);
+    // Same again: nothing to do, no restart, no new generation.
     let calls = f.unit().calls().len();
-    assert!(!f.worker.configure(&update).await.unwrap().changed);
+    let again = f.worker.configure(&update).await.unwrap();
+    assert!(!again.changed);
+    assert_eq!(again.generation, 2);
     assert_eq!(f.unit().calls().len(), calls);
+}
+
+#[tokio::test]
+async fn a_stale_generation_changes_nothing() {
+    let f = Fixture::new(&["198.18.0.0/24"]);
+    f.worker.first_start().await.unwrap();
+    let (_, generation) = f.worker.current_settings_generation().unwrap();
+    assert_eq!(generation, 1);
+    let first = pb::ConfigureRequest {
+        jobs: Some(5),
+        expected_generation: Some(generation),
+        ..Default::default()
+    };
+    assert_eq!(f.worker.configure(&first).await.unwrap().generation, 2);
+    // A second admin who read generation 1 before that change.
+    let second = pb::ConfigureRequest {
+        jobs: Some(9),
+        expected_generation: Some(generation),
+        ..Default::default()
+    };
+    let err = f.worker.configure(&second).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WorkerError::StaleGeneration {
+                expected: 1,
+                current: 2
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(f.worker.current_settings().unwrap().jobs.get(), 5);
 }
 
 #[tokio::test]
@@ -225,28 +285,32 @@ async fn invalid_requests_touch_nothing() {
     let before = f.worker.current_settings().unwrap();
     for (update, field) in [
         (
-            SettingsUpdate {
-                allow: Some(vec!["198.18.0.0/16".into()]),
+            pb::ConfigureRequest {
+                allow: Some(pb::AllowList {
+                    cidrs: vec!["198.18.0.0/16".into()],
+                }),
                 ..Default::default()
             },
             "allow[0]",
         ),
         (
-            SettingsUpdate {
-                allow: Some(vec!["x".into()]),
+            pb::ConfigureRequest {
+                allow: Some(pb::AllowList {
+                    cidrs: vec!["x".into()],
+                }),
                 ..Default::default()
             },
             "allow[0]",
         ),
         (
-            SettingsUpdate {
+            pb::ConfigureRequest {
                 nice: Some(-5),
                 ..Default::default()
             },
             "nice",
         ),
         (
-            SettingsUpdate {
+            pb::ConfigureRequest {
                 port: Some(0),
                 ..Default::default()
             },
@@ -268,7 +332,7 @@ async fn a_failed_restart_rolls_back() {
     f.worker.first_start().await.unwrap();
     let before = f.worker.current_settings().unwrap();
     // An address this host does not have: binding fails, as it does for distccd.
-    let update = SettingsUpdate {
+    let update = pb::ConfigureRequest {
         listen: Some("192.0.2.1".into()),
         ..Default::default()
     };
@@ -279,10 +343,13 @@ async fn a_failed_restart_rolls_back() {
             .contains("restored the previous settings (distccd active (running))"),
         "{err}"
     );
-    assert_eq!(f.worker.current_settings().unwrap(), before);
+    assert_eq!(
+        f.worker.current_settings_generation().unwrap(),
+        (before.clone(), 1)
+    );
     assert_eq!(
         f.unit().port(),
-        Some(before.port),
+        Some(before.port.get()),
         "serving on the previous settings"
     );
     assert_eq!(
@@ -309,7 +376,7 @@ async fn the_first_allowlist_set_by_reload_bootstraps() {
     let f = Fixture::new(&[]);
     assert!(!f.worker.first_start().await.unwrap());
     let mut config = (*f.worker.config()).clone();
-    config.distccd.allow = vec!["198.18.0.0/24".parse().unwrap()];
+    config.distccd.allow = ["198.18.0.0/24".parse().unwrap()].into_iter().collect();
     config.policy.allow_within = config.distccd.allow.clone();
     let outcome = f.worker.reload(config).await.unwrap().expect("applied");
     assert!(outcome.unit.is_active());

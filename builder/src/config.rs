@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use distcc_config_file::ConfigFile;
 use serde::Deserialize;
-use thiserror::Error;
 use toml::Spanned;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/distcc-builder/builder.toml";
@@ -78,21 +78,7 @@ struct RawTls {
     domain: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}: {key}: {message}")]
-    Invalid {
-        path: String,
-        line: usize,
-        key: String,
-        message: String,
-    },
-}
+pub use distcc_config_file::ConfigError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,23 +99,10 @@ struct RawConfig {
 
 impl BuilderConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let invalid = |offset: usize, key: &str, message: String| ConfigError::Invalid {
-            path: path.display().to_string(),
-            line: text[..offset.min(text.len())].matches('\n').count() + 1,
-            key: key.to_owned(),
-            message,
-        };
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| {
-            invalid(
-                e.span().map_or(0, |s| s.start),
-                "",
-                e.message().trim().to_owned(),
-            )
-        })?;
+        let file = ConfigFile::read(path)?;
+        let invalid =
+            |offset: usize, key: &str, message: String| file.error_at(offset, key, message);
+        let raw: RawConfig = file.parse()?;
         for (i, worker) in raw.workers.iter().enumerate() {
             let ok = worker
                 .get_ref()
@@ -401,7 +374,8 @@ mod tests {
                 ),
                 "tls.domain",
             ),
-            ("workers = []\n[tls]\ncert = \"x\"\n".to_owned(), ""),
+            // serde names the table that misses its `ca`.
+            ("workers = []\n[tls]\ncert = \"x\"\n".to_owned(), "tls"),
         ] {
             match load(&body).unwrap_err() {
                 ConfigError::Invalid {
