@@ -5,15 +5,35 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use distcc_config_file::ConfigFile;
 use serde::Deserialize;
 
 use crate::settings::{AllowPolicy, Allowlist, DistccdSettings, bounded_setting};
+use crate::tokens::{MIN_TOKEN_LEN, Role, TokenEntry, TokenHash, Tokens, check_secret_file};
+
+/// The deprecated `token_file`'s token. Its file must be private like any secret.
+fn read_clear_token(path: &Path) -> Result<String, String> {
+    let metadata =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    check_secret_file(&metadata, false).map_err(|m| format!("{}: {m}", path.display()))?;
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .trim()
+        .to_owned();
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(format!(
+            "{} holds a token shorter than {MIN_TOKEN_LEN} characters",
+            path.display()
+        ));
+    }
+    Ok(token)
+}
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/distcc-agent/agent.toml";
-pub const DEFAULT_TOKEN_FILE: &str = "/etc/distcc-agent/token";
+pub const DEFAULT_TOKENS_FILE: &str = "/etc/distcc-agent/tokens";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/distcc-agent";
 pub const DEFAULT_UNIT: &str = "distccd.service";
 
@@ -22,9 +42,12 @@ pub const DEFAULT_UNIT: &str = "distccd.service";
 pub struct AgentConfig {
     /// Where the gRPC server listens.
     pub listen: SocketAddr,
-    /// The bearer token every RPC but the health service must present.
-    pub token: String,
-    pub token_file: PathBuf,
+    /// The tokens every RPC but the health service must present one of, with their roles.
+    pub tokens: Arc<Tokens>,
+    pub tokens_file: PathBuf,
+    /// What is accepted but should be fixed (a deprecated key...): printed by
+    /// `--check-config` and logged at start.
+    pub warnings: Vec<String>,
     pub tls: Option<TlsConfig>,
     /// Where the agent writes distccd's environment file.
     pub state_dir: PathBuf,
@@ -91,6 +114,8 @@ impl<'de> Deserialize<'de> for ServiceUnit {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<SocketAddr>,
+    tokens_file: Option<PathBuf>,
+    /// Deprecated (agent 0.1): one admin token in clear.
     token_file: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     unit: Option<ServiceUnit>,
@@ -136,24 +161,40 @@ impl AgentConfig {
     fn from_file(file: &ConfigFile) -> Result<Self, ConfigError> {
         let raw: RawConfig = file.parse()?;
 
-        let token_file = raw
-            .token_file
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_FILE));
-        let token = std::fs::read_to_string(&token_file)
-            .map_err(|e| {
-                file.error(
-                    "token_file",
-                    format!("cannot read {}: {e}", token_file.display()),
-                )
-            })?
-            .trim()
-            .to_owned();
-        if token.len() < 16 {
+        let mut warnings = Vec::new();
+        let tokens_file = raw
+            .tokens_file
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKENS_FILE));
+        let mut tokens = match (tokens_file.exists(), &raw.token_file) {
+            // Agent 0.1's layout: only the token in clear. Still served, with a warning.
+            (false, Some(_)) => Tokens::default(),
+            _ => {
+                Tokens::load(&tokens_file).map_err(|e| file.error("tokens_file", e.to_string()))?
+            }
+        };
+        if let Some(token_file) = &raw.token_file {
+            let token = read_clear_token(token_file).map_err(|m| file.error("token_file", m))?;
+            tokens = tokens.with(TokenEntry {
+                role: Role::Admin,
+                id: "token_file"
+                    .parse()
+                    .map_err(|m: String| file.error("token_file", m))?,
+                hash: TokenHash::of(&token),
+            });
+            warnings.push(format!(
+                "token_file is deprecated: the agent should keep only hashes of tokens. Run \
+                 `distcc-agent token new admin NAME` (prints a new token, writes its hash to {}), \
+                 give the token to the admins, then remove token_file and {}",
+                tokens_file.display(),
+                token_file.display()
+            ));
+        }
+        if tokens.is_empty() {
             return Err(file.error(
-                "token_file",
+                "tokens_file",
                 format!(
-                    "{} holds a token shorter than 16 characters",
-                    token_file.display()
+                    "{} lists no token: nobody could call the agent. Run `distcc-agent token new admin NAME`",
+                    tokens_file.display()
                 ),
             ));
         }
@@ -188,8 +229,9 @@ impl AgentConfig {
             listen: raw.listen.unwrap_or_else(|| {
                 SocketAddr::from(([0, 0, 0, 0], distcc_proto::DEFAULT_AGENT_PORT))
             }),
-            token,
-            token_file,
+            tokens: Arc::new(tokens),
+            tokens_file,
+            warnings,
             tls: raw.tls.map(|t| TlsConfig {
                 cert: t.cert,
                 key: t.key,
@@ -220,6 +262,14 @@ impl AgentConfig {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    const TOKEN: &str = "0123456789abcdef0123";
+
+    fn write_private(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    }
 
     struct Fixture {
         dir: tempfile::TempDir,
@@ -228,14 +278,15 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            std::fs::write(dir.path().join("token"), "0123456789abcdef0123\n").unwrap();
+            let tokens = format!("admin ops {}\n", TokenHash::of(TOKEN));
+            write_private(&dir.path().join("tokens"), &tokens);
             Self { dir }
         }
 
         fn parse(&self, body: &str) -> Result<AgentConfig, ConfigError> {
             let text = format!(
-                "token_file = \"{}\"\n{body}",
-                self.dir.path().join("token").display()
+                "tokens_file = \"{}\"\n{body}",
+                self.dir.path().join("tokens").display()
             );
             let path = self.dir.path().join("agent.toml");
             std::fs::File::create(&path)
@@ -265,7 +316,8 @@ mod tests {
             )
             .unwrap();
         assert_eq!(cfg.listen, "0.0.0.0:3634".parse().unwrap());
-        assert_eq!(cfg.token, "0123456789abcdef0123");
+        assert_eq!(cfg.tokens.authenticate(TOKEN).unwrap().role, Role::Admin);
+        assert!(cfg.warnings.is_empty());
         assert_eq!(cfg.distccd.allow.to_strings(), ["198.18.0.0/24"]);
         assert_eq!(
             (
@@ -355,13 +407,35 @@ mod tests {
     }
 
     #[test]
-    fn missing_or_short_token_is_an_error() {
+    fn tokens_file_problems_are_errors_with_the_fix() {
         let f = Fixture::new();
-        std::fs::write(f.dir.path().join("token"), "short").unwrap();
-        let (line, key, _) = invalid(f.parse("").unwrap_err());
-        assert_eq!((line, key.as_str()), (1, "token_file"));
-        std::fs::remove_file(f.dir.path().join("token")).unwrap();
+        let tokens = f.dir.path().join("tokens");
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (line, key, message) = invalid(f.parse("").unwrap_err());
+        assert_eq!((line, key.as_str()), (1, "tokens_file"));
+        assert!(message.contains("chmod 0640"), "{message}");
+        write_private(&tokens, "# nobody\n");
+        let (_, key, message) = invalid(f.parse("").unwrap_err());
+        assert_eq!(key, "tokens_file");
+        assert!(message.contains("token new admin"), "{message}");
+        std::fs::remove_file(&tokens).unwrap();
         assert!(f.parse("").unwrap_err().to_string().contains("cannot read"));
+    }
+
+    #[test]
+    fn the_deprecated_token_file_is_an_admin_token_with_a_warning() {
+        let f = Fixture::new();
+        std::fs::remove_file(f.dir.path().join("tokens")).unwrap();
+        let clear = f.dir.path().join("token");
+        write_private(&clear, "legacy-token-0123456789\n");
+        let body = format!("token_file = \"{}\"\n", clear.display());
+        let cfg = f.parse(&body).unwrap();
+        let entry = cfg.tokens.authenticate("legacy-token-0123456789").unwrap();
+        assert_eq!((entry.role, entry.id.as_str()), (Role::Admin, "token_file"));
+        assert!(cfg.warnings[0].contains("deprecated"), "{:?}", cfg.warnings);
+        write_private(&clear, "short\n");
+        let (line, key, _) = invalid(f.parse(&body).unwrap_err());
+        assert_eq!((line, key.as_str()), (2, "token_file"));
     }
 
     #[test]

@@ -36,6 +36,9 @@ fn notify(states: &[NotifyState<'_>]) {
 /// Run the agent until SIGTERM/SIGINT.
 pub async fn run(config_path: PathBuf) -> Result<()> {
     let config = AgentConfig::load(&config_path).context("loading the agent config")?;
+    for warning in &config.warnings {
+        tracing::warn!("{}: {warning}", config_path.display());
+    }
     let listen = config.listen;
     let tls = config.tls.clone();
     let unit = SystemdUnit::connect(&config.unit, config.job_timeout)
@@ -78,7 +81,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
 
     let auth = {
         let worker = worker.clone();
-        TokenAuth::new(move || worker.config().token.clone())
+        TokenAuth::new(move || worker.config().tokens.clone())
     };
     let service = DistccAgentServer::with_interceptor(
         AgentService::new(worker.clone(), shutdown_rx.clone()),
@@ -144,6 +147,20 @@ async fn reload<U: UnitControl>(worker: &Worker<U>, path: &Path) {
     notify(&[NotifyState::Reloading]);
     match AgentConfig::load(path) {
         Ok(config) => {
+            for warning in &config.warnings {
+                tracing::warn!("{}: {warning}", path.display());
+            }
+            let revoked: Vec<String> = worker
+                .config()
+                .tokens
+                .entries()
+                .iter()
+                .filter(|old| !config.tokens.entries().contains(old))
+                .map(|old| old.id.to_string())
+                .collect();
+            if !revoked.is_empty() {
+                tracing::info!(revoked = ?revoked, "tokens revoked or changed; their streams end");
+            }
             if config.listen != worker.config().listen {
                 tracing::warn!("listen address changed; it takes effect on restart");
             }

@@ -1,16 +1,19 @@
 //! The distcc worker agent: manages distccd through systemd over D-Bus and serves the
 //! `distcc.agent.v1` gRPC API. `main.rs` only parses options and calls [`daemon::run`].
 
+pub mod atomic_file;
 pub mod capacity;
 pub mod compilers;
 pub mod config;
 pub mod daemon;
 pub mod listening;
+pub mod logging;
 pub mod service;
 pub mod settings;
 pub mod settings_store;
 pub mod stats;
 pub mod systemd;
+pub mod tokens;
 pub mod unit_control;
 pub mod worker;
 

@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use distcc_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
+use clap::{Parser, Subcommand};
+use distcc_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH, DEFAULT_TOKENS_FILE};
+use distcc_agent::tokens::{self, Role, TokenHash, TokenId};
 
 /// Manage this worker's distccd through systemd and serve the cluster's gRPC API.
 #[derive(Parser)]
@@ -13,12 +14,71 @@ struct Options {
     /// The agent's configuration file.
     #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
-    /// Validate the configuration file (and the token file it names), then exit.
+    /// Validate the configuration file (and the tokens file it names), then exit.
     #[arg(long)]
     check_config: bool,
     /// Print the man page (roff) and exit; packaging/build-debs installs it.
     #[arg(long, hide = true)]
     print_man: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage the tokens the agent accepts (it keeps only their hashes). Changes take
+    /// effect at `systemctl reload distcc-agent`.
+    Token {
+        /// The tokens file.
+        #[arg(long, default_value = DEFAULT_TOKENS_FILE)]
+        tokens_file: PathBuf,
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Make a token with ROLE (read or admin), add its hash as ID, print the token once.
+    New { role: Role, id: TokenId },
+    /// Remove the token ID.
+    Revoke { id: TokenId },
+    /// List the tokens' roles and ids.
+    List,
+    /// Print the hash of a token read from standard input (to add it by hand).
+    Hash,
+}
+
+fn token_command(tokens_file: &std::path::Path, action: TokenAction) -> Result<(), String> {
+    match action {
+        TokenAction::New { role, id } => {
+            let token = tokens::add_new_token(tokens_file, role, id).map_err(|e| e.to_string())?;
+            println!("{token}");
+        }
+        TokenAction::Revoke { id } => {
+            tokens::revoke(tokens_file, &id).map_err(|e| e.to_string())?;
+        }
+        TokenAction::List => {
+            let list = tokens::Tokens::load(tokens_file).map_err(|e| e.to_string())?;
+            for entry in list.entries() {
+                println!("{} {}", entry.role, entry.id);
+            }
+        }
+        TokenAction::Hash => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_line(&mut token)
+                .map_err(|e| format!("reading the token: {e}"))?;
+            if token.trim().len() < tokens::MIN_TOKEN_LEN {
+                return Err(format!(
+                    "a token has at least {} characters",
+                    tokens::MIN_TOKEN_LEN
+                ));
+            }
+            println!("{}", TokenHash::of(&token));
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -33,19 +93,27 @@ fn main() -> ExitCode {
             }
         };
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DISTCC_AGENT_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // journald adds its own timestamps.
-        .without_time()
-        .init();
+    if let Some(Command::Token {
+        tokens_file,
+        action,
+    }) = options.command
+    {
+        return match token_command(&tokens_file, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    distcc_agent::logging::init();
 
     if options.check_config {
         return match AgentConfig::load(&options.config) {
-            Ok(_) => {
+            Ok(config) => {
+                for warning in &config.warnings {
+                    eprintln!("warning: {}: {warning}", options.config.display());
+                }
                 println!("{}: OK", options.config.display());
                 ExitCode::SUCCESS
             }

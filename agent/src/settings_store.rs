@@ -4,14 +4,15 @@
 //! atomically (temp file in the same directory, fsync, rename, fsync the directory), so a
 //! reader sees the old or the new file, never half of one.
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::atomic_file::write_atomically;
 use crate::settings::DistccdSettings;
+
+const PUBLIC: u32 = 0o644;
 
 pub const SETTINGS_FILE: &str = "settings.json";
 pub const ENV_FILE: &str = "distccd.env";
@@ -104,7 +105,8 @@ impl SettingsStore {
             message: e.to_string(),
         })?;
         json.push('\n');
-        write_atomically(&self.settings_path(), json.as_bytes())?;
+        write_atomically(&self.settings_path(), json.as_bytes(), PUBLIC, None)
+            .map_err(|e| io(&self.settings_path(), e))?;
         self.render_env(&persisted.settings)
     }
 
@@ -174,7 +176,14 @@ impl SettingsStore {
     }
 
     fn render_env(&self, settings: &DistccdSettings) -> Result<(), StoreError> {
-        write_atomically(&self.env_path(), env_file_text(settings).as_bytes())
+        // distccd's user reads it; the settings hold no secret, only the allowlist and limits.
+        write_atomically(
+            &self.env_path(),
+            env_file_text(settings).as_bytes(),
+            PUBLIC,
+            None,
+        )
+        .map_err(|e| io(&self.env_path(), e))
     }
 }
 
@@ -201,32 +210,12 @@ fn io(path: &Path, source: std::io::Error) -> StoreError {
     }
 }
 
-/// Replace `path` with `bytes`. Mode 0644: distccd's user reads the environment file; the
-/// settings hold no secret, only the allowlist and limits.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let err = |source| io(path, source);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let mut temp = tempfile::Builder::new()
-        .prefix(".tmp.")
-        .tempfile_in(dir)
-        .map_err(err)?;
-    temp.write_all(bytes).map_err(err)?;
-    temp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(0o644))
-        .map_err(err)?;
-    temp.as_file().sync_all().map_err(err)?;
-    temp.persist(path).map_err(|e| err(e.error))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::settings::Jobs;
+    use std::os::unix::fs::PermissionsExt;
 
     fn settings(jobs: i64) -> DistccdSettings {
         DistccdSettings {

@@ -156,8 +156,9 @@ impl Fixture {
         };
         let config = AgentConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            token: "0123456789abcdef".into(),
-            token_file: dir.path().join("token"),
+            tokens: Default::default(),
+            tokens_file: dir.path().join("tokens"),
+            warnings: Vec::new(),
             tls: None,
             state_dir: dir.path().to_owned(),
             unit: "distccd.service".into(),

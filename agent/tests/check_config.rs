@@ -4,12 +4,13 @@ use std::process::Command;
 
 fn check(config: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let token = dir.path().join("token");
-    std::fs::write(&token, "0123456789abcdef0123\n").expect("write token");
+    let tokens = dir.path().join("tokens");
+    let (made, token, _) = token_command(&tokens, &["new", "admin", "ops"]);
+    assert!(made && token.trim().len() == 64, "{token}");
     let path = dir.path().join("agent.toml");
     std::fs::write(
         &path,
-        format!("token_file = \"{}\"\n{config}", token.display()),
+        format!("tokens_file = \"{}\"\n{config}", tokens.display()),
     )
     .expect("write config");
     let out = Command::new(env!("CARGO_BIN_EXE_distcc-agent"))
@@ -23,6 +24,67 @@ fn check(config: &str) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "agent.toml"),
     )
+}
+
+fn token_command(tokens: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_distcc-agent"))
+        .arg("token")
+        .arg("--tokens-file")
+        .arg(tokens)
+        .args(args)
+        .output()
+        .expect("run distcc-agent token");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_token_command_keeps_only_hashes() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tokens = dir.path().join("tokens");
+    let (_, admin, _) = token_command(&tokens, &["new", "admin", "ops"]);
+    let (_, read, _) = token_command(&tokens, &["new", "read", "builders"]);
+    let text = std::fs::read_to_string(&tokens).expect("tokens file");
+    assert!(
+        !text.contains(admin.trim()) && !text.contains(read.trim()),
+        "{text}"
+    );
+    let mode = std::fs::metadata(&tokens)
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o640);
+    let (_, list, _) = token_command(&tokens, &["list"]);
+    assert_eq!(list, "admin ops\nread builders\n");
+    // `token hash` gives the line an operator adds by hand for a token made elsewhere.
+    let mut hash = Command::new(env!("CARGO_BIN_EXE_distcc-agent"))
+        .args(["token", "hash"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run token hash");
+    use std::io::Write;
+    hash.stdin
+        .take()
+        .expect("stdin")
+        .write_all(read.as_bytes())
+        .expect("write");
+    let out = hash.wait_with_output().expect("token hash");
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("read builders {}", line.trim())),
+        "{text} / {line}"
+    );
+    let (ok, _, _) = token_command(&tokens, &["revoke", "ops"]);
+    assert!(ok);
+    let (_, list, _) = token_command(&tokens, &["list"]);
+    assert_eq!(list, "read builders\n");
+    let (ok, _, stderr) = token_command(&tokens, &["new", "superuser", "x"]);
+    assert!(!ok && stderr.contains("not a role"), "{stderr}");
 }
 
 #[test]

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use distcc_proto::v1 as pb;
 use distcc_proto::v1::distcc_agent_client::DistccAgentClient;
 use distcc_testbed::{
-    AGENT_PORT, AgentInstall, Rootfs, TEST_TOKEN, Testbed, Worker as Container, agent_config,
+    AGENT_PORT, AgentInstall, Rootfs, TEST_READ_TOKEN, TEST_TOKEN, Testbed, Worker as Container,
+    agent_config, tokens_file,
 };
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -164,6 +165,137 @@ fn remote_compile(host: std::net::Ipv4Addr) -> Result<(), String> {
 fn bed() -> Testbed {
     Rootfs::ensure().expect("test-bed root filesystem");
     Testbed::create().expect("test-bed network")
+}
+
+/// Read and admin roles, two admins racing, the audit trail in the journal, and a token
+/// revoked by `systemctl reload` while its WatchStatus stream is open.
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_generations_audit_and_rotation() {
+    let bed = bed();
+    let w = AgentWorker::start(&bed, "w1", None).await;
+    let read = || w.client_with(Some(TEST_READ_TOKEN));
+
+    // The read role reads...
+    let status = read()
+        .status(pb::StatusRequest::default())
+        .await
+        .expect("Status with the read token")
+        .into_inner();
+    read()
+        .validate(pb::ValidateRequest {})
+        .await
+        .expect("Validate with the read token");
+    // ...and changes nothing.
+    let jobs = pb::ConfigureRequest {
+        jobs: Some(7),
+        ..Default::default()
+    };
+    let err = read().configure(jobs.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    let err = read()
+        .control(pb::ControlRequest {
+            action: pb::ControlAction::Restart as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert_eq!(w.status().await.settings.unwrap().jobs, 3);
+
+    // Two admins who both read the same generation: the first wins, the second is told.
+    let generation = status.settings_generation;
+    assert!(generation >= 1, "persisted at first start: {generation}");
+    let first = w
+        .client()
+        .configure(pb::ConfigureRequest {
+            expected_generation: Some(generation),
+            ..jobs.clone()
+        })
+        .await
+        .expect("Configure at the current generation")
+        .into_inner();
+    assert_eq!(first.generation, generation + 1);
+    let err = w
+        .client()
+        .configure(pb::ConfigureRequest {
+            jobs: Some(2),
+            expected_generation: Some(generation),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    let after = w.status().await;
+    assert_eq!(
+        (after.settings.unwrap().jobs, after.settings_generation),
+        (7, generation + 1)
+    );
+
+    // Every admin action is in the journal with who asked, as fields of their own.
+    let audit = || {
+        w.container
+            .exec_ok(&[
+                "journalctl",
+                "--no-pager",
+                "-o",
+                "cat",
+                "--output-fields=MESSAGE,TOKEN_ID,PEER,OUTCOME",
+                "-u",
+                "distcc-agent.service",
+                "AUDIT=Configure",
+                "TOKEN_ID=testbed-admin",
+            ])
+            .unwrap_or_default()
+    };
+    eventually("the audit trail has both Configures", || {
+        let text = audit();
+        async move { text.matches("Configure by testbed-admin").count() >= 2 }
+    })
+    .await;
+    let text = audit();
+    assert!(text.contains("jobs=7") && text.contains("failed"), "{text}");
+    assert!(
+        text.contains(&bed.host_ip().to_string()),
+        "the peer address: {text}"
+    );
+    assert!(!text.contains(TEST_TOKEN), "never the token: {text}");
+
+    // Rotation: a stream opened with the read token ends once the token is revoked.
+    let mut stream = read()
+        .watch_status(pb::WatchStatusRequest { interval_ms: 1000 })
+        .await
+        .expect("WatchStatus with the read token")
+        .into_inner();
+    stream.message().await.expect("first status").expect("some");
+    w.container
+        .write_file(
+            "/etc/distcc-agent/tokens",
+            tokens_file(&[("admin", "testbed-admin", TEST_TOKEN)]),
+            0o640,
+        )
+        .unwrap();
+    w.container
+        .exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/tokens"])
+        .unwrap();
+    w.container
+        .exec_ok(&["systemctl", "reload", "distcc-agent"])
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream of a revoked token ends");
+    assert_eq!(ended.unwrap_err().code(), Code::Unauthenticated);
+    let err = read()
+        .status(pb::StatusRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    w.status().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

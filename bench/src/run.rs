@@ -129,7 +129,7 @@ impl BuilderConfig {
     pub fn new(parent: &Path, name: &str, builderctl: &Path, endpoints: &[String]) -> Result<Self> {
         let dir = parent.join(name);
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("token"), format!("{TEST_TOKEN}\n"))?;
+        distcc_testbed::write_secret(&dir.join("token"), &format!("{TEST_TOKEN}\n"))?;
         let workspace = dir.join("ws");
         let workers: Vec<String> = endpoints.iter().map(|w| format!("{w:?}")).collect();
         std::fs::write(

@@ -38,10 +38,31 @@ pub struct BuilderConfig {
 /// What every RPC to an agent needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentAccess {
-    /// Sent as `authorization: Bearer TOKEN`.
+    /// Sent as `authorization: Bearer TOKEN`: `token_file`'s, which a builder that only
+    /// builds holds with the agents' read role.
     pub token: String,
+    /// `admin_token_file`'s: needed only for what changes a worker (reset, bootstrap).
+    pub admin_token: Option<String>,
     /// `None`: plain HTTP/2 (the agents' default).
     pub tls: Option<TlsSettings>,
+}
+
+/// Why a command that changes workers cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this changes workers and needs the agents' admin role: set admin_token_file in the builder config (a token made with `distcc-agent token new admin NAME`)"
+)]
+pub struct NoAdminToken;
+
+impl AgentAccess {
+    /// The same access with the admin token, for commands that change workers.
+    pub fn admin(&self) -> Result<AgentAccess, NoAdminToken> {
+        let token = self.admin_token.clone().ok_or(NoAdminToken)?;
+        Ok(AgentAccess {
+            token,
+            ..self.clone()
+        })
+    }
 }
 
 /// `[tls]`: the PEM files are read when the configuration is loaded, so a missing file is
@@ -85,6 +106,7 @@ pub use distcc_config_file::ConfigError;
 struct RawConfig {
     workers: Vec<Spanned<String>>,
     token_file: Spanned<PathBuf>,
+    admin_token_file: Option<Spanned<PathBuf>>,
     workspace: Option<PathBuf>,
     tmpfs_size: Option<Spanned<String>>,
     deadline_ms: Option<Spanned<u64>>,
@@ -118,17 +140,15 @@ impl BuilderConfig {
                 ));
             }
         }
-        let token_path = raw.token_file.get_ref();
-        let token = std::fs::read_to_string(token_path)
-            .map_err(|e| {
-                invalid(
-                    raw.token_file.span().start,
-                    "token_file",
-                    format!("cannot read {}: {e}", token_path.display()),
-                )
-            })?
-            .trim()
-            .to_owned();
+        let read_token = |file: &Spanned<PathBuf>, key: &str| {
+            read_token(file.get_ref()).map_err(|m| invalid(file.span().start, key, m))
+        };
+        let token = read_token(&raw.token_file, "token_file")?;
+        let admin_token = raw
+            .admin_token_file
+            .as_ref()
+            .map(|file| read_token(file, "admin_token_file"))
+            .transpose()?;
         let tls = match &raw.tls {
             None => None,
             Some(tls) => {
@@ -253,7 +273,11 @@ impl BuilderConfig {
             masquerade_dir: raw.masquerade_dir,
             allow_mismatch: raw.allow_mismatch.unwrap_or(false),
             workers: raw.workers.into_iter().map(Spanned::into_inner).collect(),
-            access: AgentAccess { token, tls },
+            access: AgentAccess {
+                token,
+                admin_token,
+                tls,
+            },
             workspace: raw
                 .workspace
                 .unwrap_or_else(|| PathBuf::from("/tmp/kernel-build")),
@@ -263,6 +287,19 @@ impl BuilderConfig {
             deadline,
         })
     }
+}
+
+/// A token in clear: the file must not be readable by others (the agents' tokens give
+/// whoever holds them the workers' read or admin role).
+fn read_token(path: &Path) -> Result<String, String> {
+    let metadata =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    distcc_config_file::check_secret_file(&metadata, false)
+        .map_err(|m| format!("{}: {m}", path.display()))?;
+    Ok(std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .trim()
+        .to_owned())
 }
 
 /// tmpfs's `size=`: a number with an optional k/m/g suffix, or a percentage of RAM.
@@ -278,9 +315,52 @@ fn valid_tmpfs_size(size: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn write_secret(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn token_files_must_be_private_and_admin_is_separate() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let read = dir.path().join("read");
+        let admin = dir.path().join("admin");
+        write_secret(&read, "read-0123456789abcdef\n");
+        write_secret(&admin, "admin-0123456789abcdef\n");
+        let path = dir.path().join("builder.toml");
+        let text = format!(
+            "workers = []\ntoken_file = \"{}\"\nadmin_token_file = \"{}\"\n",
+            read.display(),
+            admin.display()
+        );
+        std::fs::write(&path, &text).unwrap();
+        let c = BuilderConfig::load(&path).unwrap();
+        assert_eq!(c.access.token, "read-0123456789abcdef");
+        assert_eq!(c.access.admin().unwrap().token, "admin-0123456789abcdef");
+        std::fs::set_permissions(&admin, std::fs::Permissions::from_mode(0o644)).unwrap();
+        match BuilderConfig::load(&path).unwrap_err() {
+            ConfigError::Invalid {
+                line, key, message, ..
+            } => {
+                assert_eq!((line, key.as_str()), (3, "admin_token_file"));
+                assert!(message.contains("chmod 0640"), "{message}");
+            }
+            e => panic!("{e}"),
+        }
+        std::fs::write(
+            &path,
+            format!("workers = []\ntoken_file = \"{}\"\n", read.display()),
+        )
+        .unwrap();
+        let c = BuilderConfig::load(&path).unwrap();
+        assert_eq!(c.access.admin(), Err(NoAdminToken));
+    }
+
     fn load(body: &str) -> Result<BuilderConfig, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token"), "0123456789abcdef\n").unwrap();
+        write_secret(&dir.path().join("token"), "0123456789abcdef\n");
         let path = dir.path().join("builder.toml");
         std::fs::write(
             &path,

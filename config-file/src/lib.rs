@@ -6,6 +6,7 @@
 //! turns spans into dotted key paths (and back, for errors found after parsing, such as a
 //! value that is fine alone but conflicts with another).
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -134,6 +135,31 @@ impl ConfigFile {
             .count()
             + 1
     }
+}
+
+/// A file holding a secret (token, token hashes): owned by root or the running user, not
+/// writable by group or others and not readable by others. `refuse_group_read` refuses
+/// group read too (a token in clear). The error says how to fix it.
+pub fn check_secret_file(
+    metadata: &std::fs::Metadata,
+    refuse_group_read: bool,
+) -> Result<(), String> {
+    let owner = metadata.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if owner != 0 && owner != me {
+        return Err(format!(
+            "owned by uid {owner}, not root: fix with chown root FILE"
+        ));
+    }
+    let mode = metadata.mode() & 0o777;
+    let forbidden = if refuse_group_read { 0o077 } else { 0o027 };
+    if mode & forbidden != 0 {
+        let wanted = if refuse_group_read { "0600" } else { "0640" };
+        return Err(format!(
+            "mode {mode:04o} lets others read or change it: fix with chmod {wanted} FILE"
+        ));
+    }
+    Ok(())
 }
 
 fn collect_table(table: &DeTable<'_>, prefix: &str, out: &mut Vec<Location>) {

@@ -9,8 +9,42 @@ use anyhow::{Context, Result};
 
 use crate::testbed::{Testbed, Worker, WorkerSpec};
 
-/// The token the test-bed's agents accept.
+/// The admin token the test-bed's agents accept (id `testbed-admin`).
 pub const TEST_TOKEN: &str = "testbed-token-0123456789abcdef";
+/// A read-only token the test-bed's agents accept (id `testbed-read`).
+pub const TEST_READ_TOKEN: &str = "testbed-read-token-0123456789abcdef";
+
+/// Write a secret (a token in clear) the way the configs demand: mode 0600.
+pub fn write_secret(path: &Path, contents: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// The agents' tokens file: only hashes of [`TEST_TOKEN`] and [`TEST_READ_TOKEN`], as
+/// `distcc-agent token new` writes it.
+pub fn test_tokens_file() -> String {
+    tokens_file(&[
+        ("admin", "testbed-admin", TEST_TOKEN),
+        ("read", "testbed-read", TEST_READ_TOKEN),
+    ])
+}
+
+/// An agent tokens file (`ROLE ID sha256:HEX` lines) for `(role, id, token)`.
+pub fn tokens_file(entries: &[(&str, &str, &str)]) -> String {
+    use sha2::Digest;
+    entries
+        .iter()
+        .map(|(role, id, token)| {
+            let hash: String = sha2::Sha256::digest(token.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("{role} {id} sha256:{hash}\n")
+        })
+        .collect()
+}
 /// The agent's gRPC port.
 pub const AGENT_PORT: u16 = 3634;
 
@@ -78,7 +112,7 @@ impl AgentInstall {
 /// An agent config admitting the test-bed's subnet, with `jobs` slots.
 pub fn agent_config(bed: &Testbed, jobs: u32) -> String {
     format!(
-        "listen = \"0.0.0.0:{AGENT_PORT}\"\ntoken_file = \"/etc/distcc-agent/token\"\n\
+        "listen = \"0.0.0.0:{AGENT_PORT}\"\ntokens_file = \"/etc/distcc-agent/tokens\"\n\
          job_timeout_secs = 15\n\
          [policy]\nallow_within = [\"{subnet}\"]\n\
          [distccd]\nallow = [\"{subnet}\"]\njobs = {jobs}\nnice = 10\nlisten = \"0.0.0.0\"\nport = 3632\n",
@@ -102,8 +136,8 @@ impl Testbed {
             spec = spec.bind_ro(host, container);
         }
         let worker = self.boot_worker(customize(spec))?;
-        worker.write_file("/etc/distcc-agent/token", format!("{TEST_TOKEN}\n"), 0o640)?;
-        worker.exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/token"])?;
+        worker.write_file("/etc/distcc-agent/tokens", test_tokens_file(), 0o640)?;
+        worker.exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/tokens"])?;
         worker.write_file("/etc/distcc-agent/agent.toml", config, 0o644)?;
         worker
             .exec_ok(&["systemctl", "start", "distcc-agent"])

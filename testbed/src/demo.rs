@@ -12,7 +12,8 @@ use distcc_testbed::{AGENT_PORT, REPO_IN_WORKER, Testbed, Worker, WorkerSpec};
 
 const WORKERS: [&str; 3] = ["w1", "w2", "w3"];
 const SLOTS_PER_WORKER: u32 = 2;
-/// The same token on every worker, as an operator would distribute it.
+/// The same read token on every worker, as an operator would distribute it: the builder
+/// only builds, so it needs no admin role.
 const DEMO_TOKEN: &str = "demo-token-0123456789abcdef0123456789";
 
 fn step(text: &str) {
@@ -126,8 +127,11 @@ fn install_worker(bed: &Testbed, name: &str, apt_repo: &Path) -> Result<Worker> 
     let w = bed.boot_worker(WorkerSpec::new(name).bind_ro(apt_repo, REPO_IN_WORKER))?;
     w.use_local_repo()?;
     w.apt(&["install", "distcc-agent"])?;
-    w.write_file("/etc/distcc-agent/token", format!("{DEMO_TOKEN}\n"), 0o640)?;
-    w.exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/token"])?;
+    // Its hash beside the two tokens the package made: `echo TOKEN | distcc-agent token hash`.
+    let tokens = w.exec_ok(&["cat", "/etc/distcc-agent/tokens"])?;
+    let tokens = tokens + &distcc_testbed::tokens_file(&[("read", "demo-builders", DEMO_TOKEN)]);
+    w.write_file("/etc/distcc-agent/tokens", tokens, 0o640)?;
+    w.exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/tokens"])?;
     let config = w.exec_ok(&["cat", "/etc/distcc-agent/agent.toml"])?;
     let edited = config
         .replace("allow = []", &format!("allow = [\"{}\"]", bed.subnet()))
@@ -149,7 +153,7 @@ fn install_worker(bed: &Testbed, name: &str, apt_repo: &Path) -> Result<Worker> 
 
 fn write_builder_config(dir: &Path, workers: &[Worker]) -> Result<PathBuf> {
     let token = dir.join("token");
-    std::fs::write(&token, format!("{DEMO_TOKEN}\n"))?;
+    distcc_testbed::write_secret(&token, &format!("{DEMO_TOKEN}\n"))?;
     let endpoints: Vec<String> = workers
         .iter()
         .map(|w| format!("\"{}:{AGENT_PORT}\"", w.ip()))

@@ -38,7 +38,10 @@ mod testbed;
 
 use anyhow::{Result, bail};
 
-pub use agent::{AGENT_PORT, AgentInstall, TEST_TOKEN, agent_config};
+pub use agent::{
+    AGENT_PORT, AgentInstall, TEST_READ_TOKEN, TEST_TOKEN, agent_config, test_tokens_file,
+    tokens_file, write_secret,
+};
 pub use cpu::CpuQuota;
 pub use kernel::{KERNEL_TARBALL, REPRODUCIBLE_BUILD_ENV, kernel_source};
 pub use packages::{REPO_IN_WORKER, build_repository};

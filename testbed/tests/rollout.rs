@@ -67,7 +67,7 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 /// `builderctl status --json` from the root namespace (the builder).
 fn builder_status(dir: &Path, ip: Ipv4Addr, token: &str) -> (bool, String) {
     let token_file = dir.join("builder-token");
-    std::fs::write(&token_file, token).unwrap();
+    distcc_testbed::write_secret(&token_file, token).unwrap();
     let config = dir.join("builder.toml");
     std::fs::write(
         &config,
@@ -149,10 +149,16 @@ fn install_upgrade_during_a_build_remove_purge() {
         "inactive",
         "no allowlist, no distccd"
     );
-    let mode = w
-        .exec_ok(&["stat", "-c", "%a %U %G", "/etc/distcc-agent/token"])
-        .unwrap();
-    assert_eq!(mode.trim(), "640 root distcc-agent");
+    // The agent keeps only hashes; the tokens themselves are root's alone.
+    let mode = |path: &str| {
+        w.exec_ok(&["stat", "-c", "%a %U %G", path])
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(mode("/etc/distcc-agent/tokens"), "640 root distcc-agent");
+    assert_eq!(mode("/etc/distcc-agent/read.token"), "600 root root");
+    assert_eq!(mode("/etc/distcc-agent/admin.token"), "600 root root");
 
     // The operator sets the allowlist and reloads: distccd is bootstrapped.
     let config = w.exec_ok(&["cat", "/etc/distcc-agent/agent.toml"]).unwrap();
@@ -167,7 +173,7 @@ fn install_upgrade_during_a_build_remove_purge() {
     assert_eq!(show(&w, "distccd", "UnitFileState"), "enabled");
 
     // The builder sees the worker ready.
-    let token = w.exec_ok(&["cat", "/etc/distcc-agent/token"]).unwrap();
+    let token = w.exec_ok(&["cat", "/etc/distcc-agent/read.token"]).unwrap();
     eventually("the builder sees the worker ready", || {
         builder_status(tmp.path(), w.ip(), token.trim()).0
     });

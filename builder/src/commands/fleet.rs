@@ -74,9 +74,10 @@ pub async fn control(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let workers = ops::select_workers(&setup.config.workers, names)?;
+    let admin = setup.config.access.admin()?;
     let results = ops::control_all(
         &workers,
-        &setup.config.access,
+        &admin,
         operation,
         setup.config.deadline,
         setup.config.operation_deadline,

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use distcc_testbed::{AgentInstall, TEST_TOKEN, Testbed, Worker, agent_config};
+use distcc_testbed::{
+    AgentInstall, TEST_READ_TOKEN, TEST_TOKEN, Testbed, Worker, agent_config, write_secret,
+};
 use serde_json::Value;
 
 pub const BUILDERCTL: &str = env!("CARGO_BIN_EXE_builderctl");
@@ -29,16 +31,20 @@ pub struct Builder {
 impl Builder {
     pub fn new(workers: &[String], workspace: Option<&Path>) -> Builder {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token"), format!("{TEST_TOKEN}\n")).unwrap();
+        // What a builder holds: the read token for building, the admin one for reset and
+        // bootstrap.
+        write_secret(&dir.path().join("token"), &format!("{TEST_READ_TOKEN}\n")).unwrap();
+        write_secret(&dir.path().join("admin-token"), &format!("{TEST_TOKEN}\n")).unwrap();
         let workspace = workspace.map_or_else(|| dir.path().join("ws"), Path::to_owned);
         let workers: Vec<String> = workers.iter().map(|w| format!("{w:?}")).collect();
         std::fs::write(
             dir.path().join("builder.toml"),
             format!(
-                "workers = [{}]\ntoken_file = \"{}\"\nworkspace = \"{}\"\ntmpfs_size = \"64M\"\n\
+                "workers = [{}]\ntoken_file = \"{}\"\nadmin_token_file = \"{}\"\nworkspace = \"{}\"\ntmpfs_size = \"64M\"\n\
                  deadline_ms = {}\noperation_deadline_ms = 30000\n",
                 workers.join(", "),
                 dir.path().join("token").display(),
+                dir.path().join("admin-token").display(),
                 workspace.display(),
                 DEADLINE.as_millis(),
             ),
