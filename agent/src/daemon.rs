@@ -2,7 +2,9 @@
 //! signal handling. Shutdown is done once: SIGTERM flips a watch channel that ends the
 //! streams, stops accepting, and lets in-flight RPCs finish.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -25,6 +27,9 @@ use crate::worker::Worker;
 
 /// How long in-flight RPCs may take to finish after SIGTERM.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a reload in progress may take to finish after SIGTERM. With the drain, the
+/// stop stays under distcc-agent.service's TimeoutStopSec=30s.
+const RELOAD_FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn notify(states: &[NotifyState<'_>]) {
     // Outside systemd there is no NOTIFY_SOCKET and this is a no-op.
@@ -70,14 +75,13 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let heartbeat = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
 
-    let monitor = tokio::spawn(monitor_unit(
+    let mut monitor = tokio::spawn(monitor_unit(
         worker.clone(),
         health.clone(),
         heartbeat.clone(),
         started,
         shutdown_rx.clone(),
     ));
-    let watchdog = tokio::spawn(feed_watchdog(heartbeat, started, shutdown_rx.clone()));
 
     let auth = {
         let worker = worker.clone();
@@ -104,7 +108,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
     let mut server_shutdown = shutdown_rx.clone();
-    let server = tokio::spawn(
+    let mut server = tokio::spawn(
         builder
             .add_service(health_service)
             .add_service(service)
@@ -120,11 +124,45 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    // Fed from this loop, so a ping also proves the signal loop runs; and only while the
+    // gRPC server and the monitor are alive and the monitor completes D-Bus round trips.
+    let mut watchdog = watchdog_interval().map(|half| tokio::time::interval(half / 2));
+    // A reload runs beside the loop (a [distccd] change restarts distccd, up to two job
+    // timeouts with a rollback): signals and the watchdog are served meanwhile. A SIGHUP
+    // during a reload waits for it (the guard leaves the signal pending).
+    let mut reloading: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            _ = sighup.recv() => reload(&worker, &config_path).await,
+            _ = sighup.recv(), if reloading.is_none() => {
+                reloading = Some(Box::pin(reload(&worker, &config_path)));
+            }
+            () = async { if let Some(r) = reloading.as_mut() { r.await } }, if reloading.is_some() => {
+                reloading = None;
+            }
+            _ = async { if let Some(w) = watchdog.as_mut() { w.tick().await; } }, if watchdog.is_some() => {
+                let age = started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(heartbeat.load(Ordering::Relaxed)));
+                if watchdog_may_feed(age, watchdog_interval()) {
+                    notify(&[NotifyState::Watchdog]);
+                } else {
+                    tracing::warn!("monitor loop silent for {age:?}; not feeding the watchdog");
+                }
+            }
+            // These end only with the process unless something broke: exit, and let
+            // systemd (Restart=on-failure) start a whole agent again, not a ghost.
+            joined = &mut server => {
+                return Err(match joined {
+                    Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped unexpectedly"),
+                    Ok(Err(e)) => anyhow::Error::new(e).context("gRPC server"),
+                    Err(e) => anyhow::Error::new(e).context("gRPC server task"),
+                });
+            }
+            joined = &mut monitor => {
+                return Err(anyhow::anyhow!("the unit monitor stopped unexpectedly: {joined:?}"));
+            }
         }
     }
 
@@ -133,14 +171,32 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         NotifyState::Stopping,
         NotifyState::Status("stopping: finishing in-flight requests"),
     ]);
+    if let Some(reload) = reloading {
+        // Bounded, so the whole stop stays inside TimeoutStopSec. A restart job left
+        // running completes in systemd; the settings file is written atomically, and the
+        // next start reports any difference between it and what distccd runs.
+        if tokio::time::timeout(RELOAD_FINISH_TIMEOUT, reload)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the reload in progress did not finish within {RELOAD_FINISH_TIMEOUT:?}; stopping anyway"
+            );
+        }
+    }
     let _ = shutdown_tx.send(true);
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
         Ok(joined) => joined.context("server task")?.context("gRPC server")?,
         Err(_) => tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}"),
     }
     monitor.abort();
-    watchdog.abort();
     Ok(())
+}
+
+/// Whether the watchdog may be fed when the monitor last completed a round trip `age`
+/// ago: only within one watchdog period (`half` is half of it).
+fn watchdog_may_feed(age: Duration, half: Option<Duration>) -> bool {
+    half.is_some_and(|half| age < half * 2)
 }
 
 async fn reload<U: UnitControl>(worker: &Worker<U>, path: &Path) {
@@ -180,7 +236,8 @@ async fn reload<U: UnitControl>(worker: &Worker<U>, path: &Path) {
 
 /// Follows distccd's unit: on every D-Bus PropertiesChanged signal and at least every
 /// few seconds it re-reads the state, publishes it to WatchStatus streams, updates the
-/// health service and the STATUS= line, and records a heartbeat for the watchdog.
+/// health service and the STATUS= line, and records a heartbeat for the watchdog after
+/// every completed D-Bus round trip.
 async fn monitor_unit<U: UnitControl>(
     worker: Arc<Worker<U>>,
     health: HealthReporter,
@@ -191,15 +248,19 @@ async fn monitor_unit<U: UnitControl>(
     let tick = watchdog_interval().map_or(worker.config().status_interval, |w| {
         w.min(worker.config().status_interval)
     });
-    let mut changes = match worker.unit().changes().await {
-        Ok(stream) => Some(stream),
-        Err(e) => {
-            tracing::error!("cannot follow unit changes, polling only: {e}");
-            None
-        }
-    };
+    let mut changes = None;
+    let mut follow_changes_at = Instant::now();
     let mut last_line = String::new();
     loop {
+        // (Re)open the change stream, at most once per tick: a stream that ends at once
+        // must not turn this loop into a busy loop (it did when the bus went away).
+        if changes.is_none() && Instant::now() >= follow_changes_at {
+            follow_changes_at = Instant::now() + tick;
+            match worker.unit().changes().await {
+                Ok(stream) => changes = Some(stream),
+                Err(e) => tracing::error!("cannot follow unit changes, polling only: {e}"),
+            }
+        }
         match worker.refresh_state().await {
             Ok(state) => {
                 heartbeat.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -222,14 +283,12 @@ async fn monitor_unit<U: UnitControl>(
         }
         let next_change = async {
             match changes.as_mut() {
-                Some(stream) => {
-                    stream.next().await;
-                }
+                Some(stream) => stream.next().await.is_some(),
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            () = next_change => {}
+            open = next_change => if !open { changes = None },
             () = tokio::time::sleep(tick) => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
@@ -239,31 +298,6 @@ async fn monitor_unit<U: UnitControl>(
 /// Half of WatchdogSec, when systemd asked for a watchdog.
 fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|timeout| timeout / 2)
-}
-
-/// Pings the watchdog only while the monitor loop keeps completing D-Bus round trips:
-/// if the agent wedges, systemd restarts it.
-async fn feed_watchdog(
-    heartbeat: Arc<AtomicU64>,
-    started: Instant,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let Some(half) = watchdog_interval() else {
-        return;
-    };
-    loop {
-        let last = Duration::from_millis(heartbeat.load(Ordering::Relaxed));
-        let age = started.elapsed().saturating_sub(last);
-        if age < half * 2 {
-            notify(&[NotifyState::Watchdog]);
-        } else {
-            tracing::warn!("monitor loop silent for {age:?}; not feeding the watchdog");
-        }
-        tokio::select! {
-            () = tokio::time::sleep(half / 2) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
-    }
 }
 
 fn load_tls(tls: &crate::config::TlsConfig) -> Result<ServerTlsConfig> {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod listening;
 pub mod logging;
+pub mod runtime;
 pub mod service;
 pub mod settings;
 pub mod settings_store;

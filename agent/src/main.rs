@@ -81,6 +81,20 @@ fn token_command(tokens_file: &std::path::Path, action: TokenAction) -> Result<(
     Ok(())
 }
 
+/// A panic in any thread or task ends the process. tokio would otherwise catch a spawned
+/// task's panic and keep the rest running: an agent that answers health checks with a dead
+/// monitor or server task is a ghost. `panic = "abort"` in the release profile does the
+/// same for packaged builds; this hook covers every build (tests run debug binaries).
+/// systemd (Restart=on-failure) then starts a whole agent again.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!("panic, aborting: {info}");
+        std::process::abort();
+    }));
+}
+
 fn main() -> ExitCode {
     let options = Options::parse();
     if options.print_man {
@@ -107,6 +121,7 @@ fn main() -> ExitCode {
         };
     }
     distcc_agent::logging::init();
+    abort_on_panic();
 
     if options.check_config {
         return match AgentConfig::load(&options.config) {

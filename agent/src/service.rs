@@ -37,6 +37,10 @@ impl From<WorkerError> for Status {
             WorkerError::Unit(crate::unit_control::UnitError::Refused { .. }) => {
                 Status::permission_denied(err.to_string())
             }
+            // The system bus is away; the agent reconnects with backoff: retry later.
+            WorkerError::Unit(crate::unit_control::UnitError::Bus(_)) => {
+                Status::unavailable(err.to_string())
+            }
             WorkerError::Unit(_) | WorkerError::Store(_) => Status::internal(err.to_string()),
         }
     }

@@ -14,7 +14,7 @@ use tokio::sync::{Mutex, watch};
 use crate::capacity::Capacity;
 use crate::compilers::CompilerCatalog;
 use crate::config::AgentConfig;
-use crate::listening::is_listening;
+use crate::listening::{PortOwner, holders, port_owner};
 use crate::settings::{DistccdSettings, InvalidSetting};
 use crate::settings_store::{Persisted, SettingsStore, StoreError};
 use crate::stats::DistccdStats;
@@ -329,30 +329,78 @@ impl<U: UnitControl> Worker<U> {
         }
     }
 
-    /// Wait until distccd is active and listening on its port, or has failed.
+    /// Wait until distccd is active and serving on its port (the listener is distccd's,
+    /// not whatever else holds the port), or has failed. A failure names the port's
+    /// holder when another program has it.
     async fn wait_serving(&self, settings: &DistccdSettings) -> Result<UnitState, String> {
         let deadline = Instant::now() + self.config().job_timeout;
         loop {
             let state = self.refresh_state().await.map_err(|e| e.to_string())?;
-            if state.has_failed() {
-                return Err(format!(
-                    "distccd failed to start ({}, result {})",
-                    state.describe(),
-                    state.result
-                ));
-            }
-            if state.is_active() && is_listening(settings.port.get()) {
+            let owner = if state.is_active() {
+                port_owner(settings.port.get(), state.main_pid)
+            } else {
+                PortOwner::Nobody
+            };
+            if owner == PortOwner::Distccd {
                 return Ok(state);
             }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "distccd is not serving on port {} after {:?} ({})",
-                    settings.port,
-                    self.config().job_timeout,
-                    state.describe()
-                ));
+            let failed = state.has_failed();
+            if failed || Instant::now() >= deadline {
+                let held = match owner {
+                    PortOwner::Others(listeners) => listeners,
+                    // distccd failed and its listener (if any) is gone: look again.
+                    _ => crate::listening::listeners_on(settings.port.get()),
+                };
+                let held = match holders(&held).as_slice() {
+                    [] => String::new(),
+                    holders => {
+                        let names: Vec<String> = holders.iter().map(ToString::to_string).collect();
+                        format!(
+                            "; port {} is held by {}, not distccd",
+                            settings.port,
+                            names.join(", ")
+                        )
+                    }
+                };
+                return Err(if failed {
+                    format!(
+                        "distccd failed to start ({}, result {}){held}",
+                        state.describe(),
+                        state.result
+                    )
+                } else {
+                    format!(
+                        "distccd is not serving on port {} after {:?} ({}){held}",
+                        settings.port,
+                        self.config().job_timeout,
+                        state.describe()
+                    )
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What distccd runs, against the persisted settings.
+    fn runtime(&self, unit: &UnitState, settings: &DistccdSettings) -> pb::RuntimeSettings {
+        if !unit.is_active() || unit.main_pid == 0 {
+            return pb::RuntimeSettings {
+                error: format!("distccd is {}", unit.describe()),
+                ..Default::default()
+            };
+        }
+        match crate::runtime::read_cmdline(unit.main_pid) {
+            Ok(argv) => pb::RuntimeSettings {
+                pid: unit.main_pid,
+                drift: crate::runtime::drift(&argv, &settings.to_args()),
+                argv,
+                error: String::new(),
+            },
+            Err(e) => pb::RuntimeSettings {
+                pid: unit.main_pid,
+                error: format!("/proc/{}/cmdline: {e}", unit.main_pid),
+                ..Default::default()
+            },
         }
     }
 
@@ -518,7 +566,9 @@ impl<U: UnitControl> Worker<U> {
             })
             .collect();
         let capacity = Capacity::read(&config.distccd_tmpdir);
+        let runtime = self.runtime(&unit, &settings);
         Ok(pb::WorkerStatus {
+            runtime: Some(runtime),
             hostname: self.hostname.clone(),
             agent_version: crate::VERSION.to_owned(),
             unit: Some(unit_to_proto(&unit)),
@@ -636,13 +686,25 @@ impl<U: UnitControl> Worker<U> {
         let port = settings.as_ref().map_or(3632, |s| s.port.get());
         check(
             "port-listening",
-            if is_listening(port) {
-                Ok(format!("TCP port {port} is listening"))
-            } else {
-                Err((
+            match port_owner(port, unit.as_ref().map_or(0, |s| s.main_pid)) {
+                PortOwner::Distccd => Ok(format!("distccd listens on TCP port {port}")),
+                PortOwner::Nobody => Err((
                     format!("nothing listens on TCP port {port}"),
                     "start distccd (Control START)".to_owned(),
-                ))
+                )),
+                PortOwner::Others(listeners) => {
+                    let names: Vec<String> = holders(&listeners)
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    Err((
+                        format!(
+                            "TCP port {port} is held by {}, not distccd",
+                            names.join(", ")
+                        ),
+                        "stop that program, or Configure distccd to another port".to_owned(),
+                    ))
+                }
             },
         );
         check(

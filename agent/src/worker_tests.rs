@@ -115,7 +115,12 @@ impl UnitControl for FakeDistccd {
             load_state: "loaded".into(),
             active_state: active_state.into(),
             sub_state: sub_state.into(),
-            main_pid: u32::from(s.listener.is_some()),
+            // The fake holds its port in this process, as distccd holds it in its own.
+            main_pid: if s.listener.is_some() {
+                std::process::id()
+            } else {
+                0
+            },
             unit_file_state: if s.enabled { "enabled" } else { "disabled" }.into(),
             ..Default::default()
         };
