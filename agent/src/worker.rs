@@ -610,13 +610,20 @@ impl<U: UnitControl> Worker<U> {
         }
         let settings = self.current_settings().unwrap_or_default();
         let stats = self.stats(&settings).await;
-        if stats.available {
+        let line = if stats.available {
             format!(
                 "distccd active, {} jobs running, {} slots",
                 stats.jobs_running, stats.max_kids
             )
         } else {
             format!("distccd active ({})", stats.error)
+        };
+        match self.runtime(&state, &settings).drift.as_slice() {
+            [] => line,
+            drift => format!(
+                "{line}; distccd does not run the persisted settings ({})",
+                drift.join("; ")
+            ),
         }
     }
 

@@ -243,6 +243,13 @@ async fn sigkill_mid_configure_leaves_one_set_and_drift_is_reported() {
         w.status().await.runtime.unwrap().drift == ["--jobs: distccd runs 9, persisted 5"]
     })
     .await;
+    // And so does `systemctl status distcc-agent` (its STATUS= line, set by the monitor).
+    eventually("the STATUS= line reports the drift", || async {
+        show(&w.container, "distcc-agent", "StatusText").ends_with(
+            "distccd does not run the persisted settings (--jobs: distccd runs 9, persisted 5)",
+        )
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
