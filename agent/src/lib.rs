@@ -6,6 +6,7 @@ pub mod capacity;
 pub mod compilers;
 pub mod config;
 pub mod daemon;
+pub mod distccd_log;
 pub mod listening;
 pub mod logging;
 pub mod runtime;

@@ -30,9 +30,9 @@ impl From<WorkerError> for Status {
     fn from(err: WorkerError) -> Self {
         match &err {
             WorkerError::Invalid(invalid) => Status::invalid_argument(invalid.to_string()),
-            WorkerError::Precondition(_) | WorkerError::StaleGeneration { .. } => {
-                Status::failed_precondition(err.to_string())
-            }
+            WorkerError::Precondition(_)
+            | WorkerError::StaleGeneration { .. }
+            | WorkerError::NotEnabled { .. } => Status::failed_precondition(err.to_string()),
             WorkerError::RolledBack { .. } => Status::aborted(err.to_string()),
             WorkerError::Unit(crate::unit_control::UnitError::Refused { .. }) => {
                 Status::permission_denied(err.to_string())

@@ -26,12 +26,6 @@ pub trait Manager {
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
-    fn enable_unit_files(
-        &self,
-        files: &[&str],
-        runtime: bool,
-        force: bool,
-    ) -> zbus::Result<(bool, Vec<(String, String, String)>)>;
 
     #[zbus(signal)]
     fn job_removed(
@@ -468,17 +462,6 @@ impl UnitControl for SystemdUnit {
                 }
                 other => other.map_err(|e| self.supervisor.refused(&link, "reset-failed", e)),
             }
-        })
-    }
-
-    fn enable(&self) -> UnitFuture<'_, ()> {
-        Box::pin(async move {
-            let link = self.supervisor.link().await?;
-            link.manager
-                .enable_unit_files(&[self.name()], false, false)
-                .await
-                .map(|_| ())
-                .map_err(|e| self.supervisor.refused(&link, "enable", e))
         })
     }
 

@@ -32,6 +32,14 @@ impl UnitState {
         self.active_state == "failed" || self.sub_state == "auto-restart"
     }
 
+    /// Whether systemd starts the unit at boot. The package enables distccd at install
+    /// (deb-systemd-helper); the agent only checks, since enabling unit files needs
+    /// polkit's `manage-unit-files`, which covers every unit. `enabled-runtime` does not
+    /// count: it is gone at the next boot.
+    pub fn is_enabled(&self) -> bool {
+        self.unit_file_state == "enabled"
+    }
+
     /// "active (running)", as systemctl shows it.
     pub fn describe(&self) -> String {
         format!("{} ({})", self.active_state, self.sub_state)
@@ -64,8 +72,6 @@ pub trait UnitControl: Send + Sync + 'static {
     fn stop(&self) -> UnitFuture<'_, ()>;
     fn restart(&self) -> UnitFuture<'_, ()>;
     fn reset_failed(&self) -> UnitFuture<'_, ()>;
-    /// Enable the unit file so the unit starts at boot.
-    fn enable(&self) -> UnitFuture<'_, ()>;
     fn state(&self) -> UnitFuture<'_, UnitState>;
     /// A stream that yields whenever systemd signals a change of the unit's properties.
     fn changes(&self) -> UnitFuture<'_, ChangeStream>;

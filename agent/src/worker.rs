@@ -14,6 +14,7 @@ use tokio::sync::{Mutex, watch};
 use crate::capacity::Capacity;
 use crate::compilers::CompilerCatalog;
 use crate::config::AgentConfig;
+use crate::distccd_log::{DISTCCD_LOG_SOCKET, read_tail};
 use crate::listening::{PortOwner, holders, port_owner};
 use crate::settings::{DistccdSettings, InvalidSetting};
 use crate::settings_store::{Persisted, SettingsStore, StoreError};
@@ -21,7 +22,6 @@ use crate::stats::DistccdStats;
 use crate::unit_control::{UnitControl, UnitError, UnitState};
 
 const STATS_TIMEOUT: Duration = Duration::from_secs(2);
-const JOURNAL_LINES: usize = 15;
 /// Compilers a worker must offer for kernel builds; checked by Validate.
 pub const REQUIRED_COMPILERS: [&str; 2] = ["gcc", "g++"];
 /// Validate warns below this much free space in distccd's TMPDIR.
@@ -42,6 +42,16 @@ pub enum WorkerError {
         "expected_generation: the settings are at generation {current}, not {expected}; another change came first. Read Status and retry"
     )]
     StaleGeneration { expected: u64, current: u64 },
+    /// distccd does not start at boot. The package enabled it at install, so an operator
+    /// turned it off; the agent cannot (and must not be able to) enable unit files.
+    #[error(
+        "{unit} is not enabled at boot (UnitFileState={unit_file_state}): run `{}` as root, then Bootstrap again",
+        enable_command(unit, unit_file_state)
+    )]
+    NotEnabled {
+        unit: String,
+        unit_file_state: String,
+    },
     /// distccd did not come up with the new settings; the previous ones are back.
     #[error(
         "{reason}; restored the previous settings ({restored}). distccd's last log lines:\n{journal}"
@@ -185,8 +195,9 @@ impl<U: UnitControl> Worker<U> {
             return Ok(false);
         }
         let _guard = self.ops.lock().await;
+        // Checked before anything is written: a refused first start stays a first start.
+        self.require_enabled().await?;
         self.store.save(&defaults, None)?;
-        self.unit.enable().await?;
         self.unit.start().await?;
         self.wait_serving(&defaults)
             .await
@@ -307,7 +318,7 @@ impl<U: UnitControl> Worker<U> {
     /// never happened as far as other admins are concerned). Settings that were never
     /// persisted (generation 0) are restored as the first generation.
     async fn roll_back(&self, previous: &Persisted, reason: String) -> WorkerError {
-        let journal = self.journal_tail().await;
+        let journal = self.distccd_log_tail().await;
         tracing::warn!(%reason, "distccd did not come up with the new settings; rolling back");
         let restored = async {
             self.store.restore(previous).map_err(|e| e.to_string())?;
@@ -404,25 +415,23 @@ impl<U: UnitControl> Worker<U> {
         }
     }
 
-    /// distccd's last log lines, for error reports.
-    pub async fn journal_tail(&self) -> String {
-        let output = tokio::process::Command::new("journalctl")
-            .args(["--no-pager", "-o", "short-iso", "-n"])
-            .arg(JOURNAL_LINES.to_string())
-            .arg("-u")
-            .arg(self.unit.unit_name())
-            .kill_on_drop(true)
-            .output();
-        match tokio::time::timeout(Duration::from_secs(5), output).await {
-            Ok(Ok(out)) if out.status.success() => {
-                String::from_utf8_lossy(&out.stdout).trim_end().to_owned()
-            }
-            Ok(Ok(out)) => format!(
-                "(journalctl failed: {})",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Ok(Err(e)) => format!("(journalctl: {e})"),
-            Err(_) => "(journalctl did not answer)".to_owned(),
+    /// distccd's last log lines, for error reports (see [`crate::distccd_log`]).
+    pub async fn distccd_log_tail(&self) -> String {
+        read_tail(std::path::Path::new(DISTCCD_LOG_SOCKET))
+            .await
+            .unwrap_or_else(|e| format!("(distccd's log lines are not available: {e})"))
+    }
+
+    /// Fails with [`WorkerError::NotEnabled`] unless distccd starts at boot.
+    async fn require_enabled(&self) -> Result<(), WorkerError> {
+        let state = self.refresh_state().await?;
+        if state.is_enabled() {
+            Ok(())
+        } else {
+            Err(WorkerError::NotEnabled {
+                unit: self.unit.unit_name().to_owned(),
+                unit_file_state: state.unit_file_state,
+            })
         }
     }
 
@@ -481,7 +490,7 @@ impl<U: UnitControl> Worker<U> {
         Ok((state, steps))
     }
 
-    /// Enable distccd at boot and start it.
+    /// Start distccd, after checking that it starts at boot (the package enabled it).
     pub async fn bootstrap(&self) -> Result<(UnitState, Vec<String>), WorkerError> {
         let _guard = self.ops.lock().await;
         let settings = self.current_settings()?;
@@ -491,12 +500,12 @@ impl<U: UnitControl> Worker<U> {
             ));
         }
         let mut steps = Vec::new();
+        self.require_enabled().await?;
+        steps.push(format!("{} is enabled at boot", self.unit.unit_name()));
         if self.store.load()?.is_none() {
             self.store.save(&settings, None)?;
             steps.push(format!("wrote {}", self.store.settings_path().display()));
         }
-        self.unit.enable().await?;
-        steps.push("enabled".to_owned());
         self.unit.start().await?;
         steps.push("started".to_owned());
         let state = self
@@ -848,6 +857,16 @@ fn foreign_distccd_pids(unit: &str) -> Vec<u32> {
                     .is_ok_and(|cg| !cg.lines().any(|l| l.ends_with(&format!("/{unit}"))))
         })
         .collect()
+}
+
+/// The command that makes `unit` start at boot again, given its `UnitFileState`.
+fn enable_command(unit: &str, unit_file_state: &str) -> String {
+    let name = unit.strip_suffix(".service").unwrap_or(unit);
+    if unit_file_state.starts_with("masked") {
+        format!("systemctl unmask {name} && systemctl enable {name}")
+    } else {
+        format!("systemctl enable {name}")
+    }
 }
 
 fn now_usec() -> u64 {

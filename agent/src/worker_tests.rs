@@ -18,7 +18,8 @@ use crate::unit_control::{ChangeStream, UnitFuture};
 struct FakeState {
     listener: Option<TcpListener>,
     failed: bool,
-    enabled: bool,
+    /// What systemd reports as `UnitFileState`; the package makes it "enabled".
+    unit_file_state: &'static str,
     calls: Vec<&'static str>,
 }
 
@@ -99,11 +100,6 @@ impl UnitControl for FakeDistccd {
         self.state.lock().unwrap().failed = false;
         Box::pin(async { Ok(()) })
     }
-    fn enable(&self) -> UnitFuture<'_, ()> {
-        self.record("enable");
-        self.state.lock().unwrap().enabled = true;
-        Box::pin(async { Ok(()) })
-    }
     fn state(&self) -> UnitFuture<'_, UnitState> {
         let s = self.state.lock().unwrap();
         let (active_state, sub_state) = match (&s.listener, s.failed) {
@@ -121,7 +117,7 @@ impl UnitControl for FakeDistccd {
             } else {
                 0
             },
-            unit_file_state: if s.enabled { "enabled" } else { "disabled" }.into(),
+            unit_file_state: s.unit_file_state.into(),
             ..Default::default()
         };
         Box::pin(async move { Ok(state) })
@@ -180,7 +176,10 @@ impl Fixture {
         };
         let unit = FakeDistccd {
             env_file: config.state_dir.join(crate::settings_store::ENV_FILE),
-            state: Mutex::default(),
+            state: Mutex::new(FakeState {
+                unit_file_state: "enabled",
+                ..Default::default()
+            }),
         };
         Self {
             _dir: dir,
@@ -197,10 +196,38 @@ impl Fixture {
 async fn first_start_bootstraps_once() {
     let f = Fixture::new(&["198.18.0.0/24"]);
     assert!(f.worker.first_start().await.unwrap());
-    assert_eq!(f.unit().calls(), ["enable", "start"]);
+    assert_eq!(f.unit().calls(), ["start"]);
     // A later agent start (restart, upgrade) leaves distccd alone.
     assert!(!f.worker.first_start().await.unwrap());
-    assert_eq!(f.unit().calls(), ["enable", "start"]);
+    assert_eq!(f.unit().calls(), ["start"]);
+}
+
+#[tokio::test]
+async fn a_distccd_an_operator_disabled_is_not_started() {
+    for (unit_file_state, command) in [
+        ("disabled", "`systemctl enable distccd`"),
+        (
+            "masked",
+            "`systemctl unmask distccd && systemctl enable distccd`",
+        ),
+    ] {
+        let f = Fixture::new(&["198.18.0.0/24"]);
+        f.unit().state.lock().unwrap().unit_file_state = unit_file_state;
+        let err = f.worker.first_start().await.unwrap_err();
+        assert!(matches!(err, WorkerError::NotEnabled { .. }), "{err}");
+        // Nothing written, nothing started: the next start is still a first start.
+        assert!(f.worker.store.load().unwrap().is_none());
+        let err = f.worker.bootstrap().await.unwrap_err();
+        assert!(err.to_string().contains(command), "{err}");
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(f.unit().calls().is_empty(), "{:?}", f.unit().calls());
+        // Once an operator enables it again, Bootstrap starts it.
+        f.unit().state.lock().unwrap().unit_file_state = "enabled";
+        let (state, steps) = f.worker.bootstrap().await.unwrap();
+        assert!(state.is_active(), "{steps:?}");
+        assert_eq!(f.unit().calls(), ["start"]);
+    }
 }
 
 #[tokio::test]
@@ -328,7 +355,7 @@ async fn invalid_requests_touch_nothing() {
             other => panic!("{field}: {other}"),
         }
     }
-    assert_eq!(f.unit().calls(), ["enable", "start"]);
+    assert_eq!(f.unit().calls(), ["start"]);
     assert_eq!(f.worker.current_settings().unwrap(), before);
 }
 
@@ -360,7 +387,7 @@ async fn a_failed_restart_rolls_back() {
     );
     assert_eq!(
         f.unit().calls(),
-        ["enable", "start", "restart", "reset-failed", "restart"]
+        ["start", "restart", "reset-failed", "restart"]
     );
 }
 
@@ -371,10 +398,7 @@ async fn reset_is_stop_reset_failed_start() {
     let (state, steps) = f.worker.control(pb::ControlAction::Reset).await.unwrap();
     assert!(state.is_active());
     assert_eq!(steps.len(), 3);
-    assert_eq!(
-        f.unit().calls(),
-        ["enable", "start", "stop", "reset-failed", "start"]
-    );
+    assert_eq!(f.unit().calls(), ["start", "stop", "reset-failed", "start"]);
 }
 
 #[tokio::test]
@@ -386,5 +410,5 @@ async fn the_first_allowlist_set_by_reload_bootstraps() {
     config.policy.allow_within = config.distccd.allow.clone();
     let outcome = f.worker.reload(config).await.unwrap().expect("applied");
     assert!(outcome.unit.is_active());
-    assert_eq!(f.unit().calls(), ["enable", "start"]);
+    assert_eq!(f.unit().calls(), ["start"]);
 }

@@ -118,14 +118,25 @@ fn errors_name_file_line_and_key() {
 #[test]
 fn units_stay_hardened() {
     let systemd = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    // systemd-analyze judges unit instances, not templates: the log helper's template is
+    // analysed as an instance.
+    let instances = tempfile::tempdir().expect("temp dir");
+    let log_helper = instances.path().join("distccd-log@0.service");
+    std::fs::copy(
+        systemd.join("distccd-log/distccd-log@.service"),
+        &log_helper,
+    )
+    .expect("copy the log helper unit");
     for unit in [
-        "distcc-agent.service",
-        "distccd.service",
-        "distcc-builder.service",
+        systemd.join("distcc-agent.service"),
+        systemd.join("distccd.service"),
+        systemd.join("distcc-builder.service"),
+        log_helper,
     ] {
+        let unit = unit.display().to_string();
         let out = Command::new("systemd-analyze")
             .args(["security", "--offline=yes", "--no-pager", "--threshold=20"])
-            .arg(systemd.join(unit))
+            .arg(&unit)
             .output()
             .expect("systemd-analyze (package systemd) is installed");
         let text = String::from_utf8_lossy(&out.stdout);

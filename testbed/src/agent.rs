@@ -91,6 +91,14 @@ impl AgentInstall {
                 "/etc/systemd/system/distccd.service",
             ),
             (
+                systemd.join("distccd-log/distccd-log.socket"),
+                "/etc/systemd/system/distccd-log.socket",
+            ),
+            (
+                systemd.join("distccd-log/distccd-log@.service"),
+                "/etc/systemd/system/distccd-log@.service",
+            ),
+            (
                 systemd.join("distcc-agent.rules"),
                 "/etc/polkit-1/rules.d/50-distcc-agent.rules",
             ),
@@ -121,9 +129,10 @@ pub fn agent_config(bed: &Testbed, jobs: u32) -> String {
 }
 
 impl Testbed {
-    /// Boot a worker with the agent installed, write `config` and the test token, and
-    /// `systemctl start distcc-agent` (which returns once the agent said READY=1).
-    /// `customize` may add binds to the spec.
+    /// Boot a worker with the agent installed, enable distccd and start
+    /// `distccd-log.socket` as the package's maintainer scripts do, write `config` and the
+    /// test token, and `systemctl start distcc-agent` (which returns once the agent said
+    /// READY=1). `customize` may add binds to the spec.
     pub fn boot_agent_worker(
         &self,
         name: &str,
@@ -139,6 +148,11 @@ impl Testbed {
         worker.write_file("/etc/distcc-agent/tokens", test_tokens_file(), 0o640)?;
         worker.exec_ok(&["chgrp", "distcc-agent", "/etc/distcc-agent/tokens"])?;
         worker.write_file("/etc/distcc-agent/agent.toml", config, 0o644)?;
+        // The package enables distccd at install (deb-systemd-helper; the agent itself
+        // may not enable unit files) and starts the socket that serves distccd's log
+        // lines to the agent.
+        worker.exec_ok(&["systemctl", "enable", "distccd.service"])?;
+        worker.exec_ok(&["systemctl", "enable", "--now", "distccd-log.socket"])?;
         worker
             .exec_ok(&["systemctl", "start", "distcc-agent"])
             .with_context(|| {

@@ -149,6 +149,10 @@ fn install_upgrade_during_a_build_remove_purge() {
         "inactive",
         "no allowlist, no distccd"
     );
+    // The package enables distccd (the agent may only start it) and starts the socket
+    // that serves distccd's log lines to the agent.
+    assert_eq!(show(&w, "distccd", "UnitFileState"), "enabled");
+    assert_eq!(show(&w, "distccd-log.socket", "ActiveState"), "active");
     // The agent keeps only hashes; the tokens themselves are root's alone.
     let mode = |path: &str| {
         w.exec_ok(&["stat", "-c", "%a %U %G", path])
@@ -257,9 +261,11 @@ fn install_upgrade_during_a_build_remove_purge() {
     apt(&w, &["remove", "distcc-agent"]);
     assert_eq!(show(&w, "distcc-agent", "ActiveState"), "inactive");
     assert_eq!(show(&w, "distccd", "ActiveState"), "inactive");
+    assert_eq!(show(&w, "distccd-log.socket", "ActiveState"), "inactive");
     apt(&w, &["purge", "distcc-agent"]);
-    assert_eq!(show(&w, "distcc-agent", "LoadState"), "not-found");
-    assert_eq!(show(&w, "distccd", "LoadState"), "not-found");
+    for unit in ["distcc-agent", "distccd", "distccd-log.socket"] {
+        assert_eq!(show(&w, unit, "LoadState"), "not-found", "{unit}");
+    }
     for path in ["/var/lib/distcc-agent", "/etc/distcc-agent"] {
         assert!(
             w.exec(&["test", "-e", path]).unwrap().status.code() == Some(1),
