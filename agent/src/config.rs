@@ -11,6 +11,7 @@ use std::time::Duration;
 use distcc_config_file::ConfigFile;
 use serde::Deserialize;
 
+use crate::confinement::Limits;
 use crate::settings::{AllowPolicy, Allowlist, DistccdSettings, bounded_setting};
 use crate::tokens::{MIN_TOKEN_LEN, Role, TokenEntry, TokenHash, Tokens, check_secret_file};
 
@@ -63,6 +64,9 @@ pub struct AgentConfig {
     /// a private /tmp, on the filesystem of the host's /tmp.
     pub distccd_tmpdir: PathBuf,
     pub policy: AllowPolicy,
+    /// distccd.service's `TasksMax=` and `MemoryMax=` (`[limits]`; defaults from the
+    /// machine's size).
+    pub limits: Limits,
     /// Settings distccd gets when the agent has none persisted yet.
     pub distccd: DistccdSettings,
 }
@@ -92,6 +96,23 @@ bounded_setting!(
     /// `[policy] max_allow_entries`.
     MaxAllowEntries(u32) in 1..=4096
 );
+
+bounded_setting!(
+    /// `[limits] tasks_max`: distccd.service's TasksMax=.
+    TasksMax(u32) in 32..=4194304
+);
+
+bounded_setting!(
+    /// `[limits] memory_max_mib`: distccd.service's MemoryMax=, in MiB.
+    MemoryMaxMib(u32) in 256..=16777216
+);
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    tasks_max: Option<TasksMax>,
+    memory_max_mib: Option<MemoryMaxMib>,
+}
 
 /// A systemd service unit's name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +147,8 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     policy: RawPolicy,
+    #[serde(default)]
+    limits: RawLimits,
     #[serde(default)]
     distccd: DistccdSettings,
 }
@@ -225,6 +248,15 @@ impl AgentConfig {
                 .map_err(|e| file.error(&format!("distccd.{}", e.field), e.message))?;
         }
 
+        let capacity = crate::capacity::Capacity::read(Path::new("/"));
+        let mut limits = Limits::for_machine(capacity.online_cpus, capacity.mem_total_bytes);
+        if let Some(tasks) = raw.limits.tasks_max {
+            limits.tasks_max = u64::from(tasks.get());
+        }
+        if let Some(mib) = raw.limits.memory_max_mib {
+            limits.memory_max_bytes = u64::from(mib.get()) << 20;
+        }
+
         Ok(Self {
             listen: raw.listen.unwrap_or_else(|| {
                 SocketAddr::from(([0, 0, 0, 0], distcc_proto::DEFAULT_AGENT_PORT))
@@ -252,6 +284,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| PathBuf::from("/usr/lib/distcc")),
             distccd_tmpdir: raw.distccd_tmpdir.unwrap_or_else(|| PathBuf::from("/tmp")),
             policy,
+            limits,
             distccd: raw.distccd,
         })
     }

@@ -59,7 +59,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         Ok(true) => tracing::info!(
             "first start: persisted the configured settings and bootstrapped distccd"
         ),
-        Ok(false) => {}
+        Ok(false) => {
+            // systemd kept the filter across reboots; this repairs a hand-edited drop-in.
+            if let Err(e) = worker.enforce_confinement().await {
+                tracing::error!("setting distccd's kernel filter failed: {e}");
+            }
+        }
         // Keep serving: the operator needs Status and Validate to see what is wrong.
         Err(e) => tracing::error!("bootstrapping distccd failed: {e}"),
     }

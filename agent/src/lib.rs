@@ -5,6 +5,7 @@ pub mod atomic_file;
 pub mod capacity;
 pub mod compilers;
 pub mod config;
+pub mod confinement;
 pub mod daemon;
 pub mod distccd_log;
 pub mod listening;

@@ -510,10 +510,12 @@ impl DistccdSettings {
         }
     }
 
-    /// distccd's arguments after `--no-detach --daemon --log-stderr`.
-    pub fn to_args(&self) -> Vec<String> {
+    /// distccd's arguments after `--no-detach --daemon --log-stderr`. Its `--allow` is the
+    /// policy bound, not the allowlist: the kernel filter narrows it (see
+    /// [`crate::confinement`]), so allowlist changes inside the policy need no restart.
+    pub fn to_args(&self, policy: &AllowPolicy) -> Vec<String> {
         let mut args = Vec::new();
-        for net in self.effective_allow().iter() {
+        for net in crate::confinement::distccd_allow_bound(self, policy) {
             args.push("--allow".to_owned());
             args.push(net.to_string());
         }
@@ -752,11 +754,12 @@ mod tests {
 
     #[test]
     fn command_line_includes_own_address_for_stats() {
-        let args = valid().to_args().join(" ");
+        let args = valid().to_args(&policy()).join(" ");
         assert_eq!(
             args,
-            "--allow 198.18.0.0/24 --allow 127.0.0.1/32 --jobs 4 --nice 10 --listen 0.0.0.0 \
-             --port 3632 --stats --stats-port 3633"
+            "--allow 198.18.0.0/15 --allow 127.0.0.1/32 --jobs 4 --nice 10 --listen 0.0.0.0 \
+             --port 3632 --stats --stats-port 3633",
+            "distccd's own --allow is the policy's bound (allow_within), not the allowlist"
         );
         let specific = DistccdSettings {
             listen: "198.18.0.11".parse().unwrap(),
@@ -771,8 +774,8 @@ mod tests {
             ..valid()
         };
         assert_eq!(
-            no_stats.to_args().join(" "),
-            "--allow 198.18.0.0/24 --nice 10 --listen 0.0.0.0 --port 3632 --job-lifetime 60"
+            no_stats.to_args(&policy()).join(" "),
+            "--allow 198.18.0.0/15 --nice 10 --listen 0.0.0.0 --port 3632 --job-lifetime 60"
         );
     }
 

@@ -5,12 +5,13 @@
 //! reader sees the old or the new file, never half of one.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::atomic_file::write_atomically;
-use crate::settings::DistccdSettings;
+use crate::settings::{AllowPolicy, DistccdSettings};
 
 const PUBLIC: u32 = 0o644;
 
@@ -46,12 +47,45 @@ pub struct Persisted {
 #[derive(Debug, Clone)]
 pub struct SettingsStore {
     dir: PathBuf,
+    /// The operator's policy: distccd's own `--allow` in the rendered env file is its
+    /// bound (see [`crate::confinement`]). Replaced when the config is reloaded.
+    policy: Arc<RwLock<AllowPolicy>>,
 }
 
 impl SettingsStore {
-    /// The store in the agent's state directory.
+    /// The store in the agent's state directory. Without a policy, distccd's `--allow` is
+    /// the allowlist itself.
     pub fn new(dir: PathBuf) -> Self {
-        Self { dir }
+        let policy = AllowPolicy {
+            allow_within: Default::default(),
+            permit_public: false,
+            max_allow_entries: AllowPolicy::DEFAULT_MAX_ALLOW_ENTRIES,
+        };
+        Self {
+            dir,
+            policy: Arc::new(RwLock::new(policy)),
+        }
+    }
+
+    pub fn with_policy(self, policy: AllowPolicy) -> Self {
+        self.set_policy(policy);
+        self
+    }
+
+    /// Render later env files with `policy`'s bound.
+    pub fn set_policy(&self, policy: AllowPolicy) {
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = policy;
+    }
+
+    fn env_file_text(&self, settings: &DistccdSettings) -> String {
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        env_file_text(settings, &policy)
     }
 
     pub fn settings_path(&self) -> PathBuf {
@@ -123,7 +157,7 @@ impl SettingsStore {
     /// ever derived from them; a crash between the two writes of [`Self::save`] leaves it
     /// behind). Returns whether it was rewritten. distccd reads it on its next start.
     pub fn ensure_env_rendered(&self, settings: &DistccdSettings) -> Result<bool, StoreError> {
-        let wanted = env_file_text(settings);
+        let wanted = self.env_file_text(settings);
         match std::fs::read_to_string(self.env_path()) {
             Ok(text) if text == wanted => Ok(false),
             _ => self.render_env(settings).map(|()| true),
@@ -179,7 +213,7 @@ impl SettingsStore {
         // distccd's user reads it; the settings hold no secret, only the allowlist and limits.
         write_atomically(
             &self.env_path(),
-            env_file_text(settings).as_bytes(),
+            self.env_file_text(settings).as_bytes(),
             PUBLIC,
             None,
         )
@@ -194,12 +228,12 @@ fn number(value: &str) -> serde_json::Value {
         .map_or_else(|_| serde_json::json!(value), |n| serde_json::json!(n))
 }
 
-fn env_file_text(settings: &DistccdSettings) -> String {
+fn env_file_text(settings: &DistccdSettings, policy: &AllowPolicy) -> String {
     format!(
         "# Written by distcc-agent from {SETTINGS_FILE}; change settings with its Configure RPC\n\
          # or in /etc/distcc-agent/agent.toml. Edits here are overwritten.\n\
          DISTCCD_OPTS=\"{}\"\n",
-        settings.to_args().join(" ")
+        settings.to_args(policy).join(" ")
     )
 }
 

@@ -12,6 +12,7 @@ use zbus::Connection;
 use zbus::proxy::CacheProperties;
 use zbus::{OwnedObjectPath, Variant};
 
+use crate::confinement::{Confinement, ConfinementState, from_dbus_entry, to_dbus_entry};
 use crate::unit_control::{ChangeStream, UnitControl, UnitError, UnitFuture, UnitState};
 
 #[zbus::proxy(
@@ -26,6 +27,13 @@ pub trait Manager {
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    /// systemd checks `manage-units` with verb `set-property` for the named unit.
+    fn set_unit_properties(
+        &self,
+        name: &str,
+        runtime: bool,
+        properties: &[(&str, Variant<'_>)],
+    ) -> zbus::Result<()>;
 
     #[zbus(signal)]
     fn job_removed(
@@ -65,6 +73,16 @@ pub trait Service {
     fn n_restarts(&self) -> zbus::Result<u32>;
     #[zbus(property)]
     fn result(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "IPAddressAllow")]
+    fn ip_address_allow(&self) -> zbus::Result<Vec<(i32, Vec<u8>, u32)>>;
+    #[zbus(property, name = "IPAddressDeny")]
+    fn ip_address_deny(&self) -> zbus::Result<Vec<(i32, Vec<u8>, u32)>>;
+    #[zbus(property, name = "IPIngressBytes")]
+    fn ip_ingress_bytes(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn tasks_max(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn memory_max(&self) -> zbus::Result<u64>;
 }
 
 #[zbus::proxy(
@@ -462,6 +480,74 @@ impl UnitControl for SystemdUnit {
                 }
                 other => other.map_err(|e| self.supervisor.refused(&link, "reset-failed", e)),
             }
+        })
+    }
+
+    fn confine(&self, confinement: &Confinement) -> UnitFuture<'_, ()> {
+        let allow: Vec<(i32, Vec<u8>, u32)> =
+            confinement.ip_allow.iter().map(to_dbus_entry).collect();
+        let tasks_max = confinement.tasks_max;
+        let memory_max = confinement.memory_max_bytes;
+        Box::pin(async move {
+            let none: Vec<(i32, Vec<u8>, u32)> = Vec::new();
+            // An empty list resets IPAddressAllow=, a non-empty one is appended: reset, then
+            // set, in one call (systemd applies the whole call or none of it). Not
+            // runtime: systemd writes the drop-in under /etc/systemd/system.control, so the
+            // filter is in force from boot, before the agent starts.
+            let properties = [
+                ("IPAddressAllow", Variant::from(none)),
+                ("IPAddressAllow", Variant::from(allow)),
+                ("TasksMax", Variant::from(tasks_max)),
+                ("MemoryMax", Variant::from(memory_max)),
+            ];
+            let link = self.supervisor.link().await?;
+            link.manager
+                .set_unit_properties(self.name(), false, &properties)
+                .await
+                .map_err(|e| self.supervisor.refused(&link, "set-property", e))
+        })
+    }
+
+    fn confinement(&self) -> UnitFuture<'_, ConfinementState> {
+        Box::pin(async move {
+            let link = self.supervisor.link().await?;
+            let (allow, deny, ingress, tasks_max, memory_max) = tokio::try_join!(
+                link.service.ip_address_allow(),
+                link.service.ip_address_deny(),
+                link.service.ip_ingress_bytes(),
+                link.service.tasks_max(),
+                link.service.memory_max(),
+            )
+            .map_err(|e| self.supervisor.bus(&link, e))?;
+            let nets = |list: Vec<(i32, Vec<u8>, u32)>| {
+                list.into_iter()
+                    .filter_map(|(family, bytes, prefix)| from_dbus_entry(family, &bytes, prefix))
+                    .collect()
+            };
+            Ok(ConfinementState {
+                ip_allow: nets(allow),
+                ip_deny: nets(deny),
+                ip_ingress_bytes: (ingress != u64::MAX).then_some(ingress),
+                tasks_max,
+                memory_max_bytes: memory_max,
+            })
+        })
+    }
+
+    fn running_args(&self) -> UnitFuture<'_, Option<Vec<String>>> {
+        Box::pin(async move {
+            let link = self.supervisor.link().await?;
+            let pid = link
+                .service
+                .main_pid()
+                .await
+                .map_err(|e| self.supervisor.bus(&link, e))?;
+            if pid == 0 {
+                return Ok(None);
+            }
+            Ok(std::fs::read(format!("/proc/{pid}/cmdline"))
+                .ok()
+                .map(|raw| crate::confinement::distccd_args_from_cmdline(&raw)))
         })
     }
 

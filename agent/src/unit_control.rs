@@ -8,6 +8,8 @@ use std::pin::Pin;
 use futures_util::Stream;
 use thiserror::Error;
 
+use crate::confinement::{Confinement, ConfinementState};
+
 /// systemd's view of the unit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnitState {
@@ -72,6 +74,14 @@ pub trait UnitControl: Send + Sync + 'static {
     fn stop(&self) -> UnitFuture<'_, ()>;
     fn restart(&self) -> UnitFuture<'_, ()>;
     fn reset_failed(&self) -> UnitFuture<'_, ()>;
+    /// Set the unit's kernel filter and resource bounds (`SetUnitProperties`, persistent).
+    /// systemd applies them to the running unit: no restart.
+    fn confine(&self, confinement: &Confinement) -> UnitFuture<'_, ()>;
+    /// The filter and bounds systemd reports for the unit.
+    fn confinement(&self) -> UnitFuture<'_, ConfinementState>;
+    /// The arguments the running distccd was started with (after `--log-stderr`), or
+    /// `None` when it is not running or they cannot be read.
+    fn running_args(&self) -> UnitFuture<'_, Option<Vec<String>>>;
     fn state(&self) -> UnitFuture<'_, UnitState>;
     /// A stream that yields whenever systemd signals a change of the unit's properties.
     fn changes(&self) -> UnitFuture<'_, ChangeStream>;

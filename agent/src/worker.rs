@@ -15,6 +15,7 @@ use crate::capacity::Capacity;
 use crate::compilers::CompilerCatalog;
 use crate::config::AgentConfig;
 use crate::distccd_log::{DISTCCD_LOG_SOCKET, read_tail};
+use crate::confinement::{Confinement, check_filter, needs_restart};
 use crate::listening::{PortOwner, holders, port_owner};
 use crate::settings::{DistccdSettings, InvalidSetting};
 use crate::settings_store::{Persisted, SettingsStore, StoreError};
@@ -118,7 +119,7 @@ impl JobsRunning {
 
 impl<U: UnitControl> Worker<U> {
     pub fn new(unit: U, config: AgentConfig) -> Self {
-        let store = SettingsStore::new(config.state_dir.clone());
+        let store = SettingsStore::new(config.state_dir.clone()).with_policy(config.policy.clone());
         Self {
             unit,
             config: RwLock::new(Arc::new(config)),
@@ -198,6 +199,7 @@ impl<U: UnitControl> Worker<U> {
         // Checked before anything is written: a refused first start stays a first start.
         self.require_enabled().await?;
         self.store.save(&defaults, None)?;
+        self.unit.confine(&self.confinement_for(&defaults)).await?;
         self.unit.start().await?;
         self.wait_serving(&defaults)
             .await
@@ -211,6 +213,8 @@ impl<U: UnitControl> Worker<U> {
         let old = self.config();
         let defaults_changed = old.distccd != new.distccd;
         let distccd = new.distccd.clone();
+        // distccd's --allow (rendered into its env file) is the policy's bound.
+        self.store.set_policy(new.policy.clone());
         *self
             .config
             .write()
@@ -255,6 +259,24 @@ impl<U: UnitControl> Worker<U> {
         self.apply(previous, persisted, next).await
     }
 
+    /// The kernel filter and bounds distccd.service gets with `settings`.
+    fn confinement_for(&self, settings: &DistccdSettings) -> Confinement {
+        Confinement::new(settings, self.config().limits)
+    }
+
+    /// On every agent start: set the unit's filter and bounds from the settings in
+    /// effect. systemd keeps them across reboots already; this repairs a drop-in deleted
+    /// or edited by hand and applies changed `[limits]`. No restart.
+    pub async fn enforce_confinement(&self) -> Result<(), WorkerError> {
+        let _guard = self.ops.lock().await;
+        let settings = self.current_settings()?;
+        if settings.allow.is_empty() {
+            return Ok(());
+        }
+        self.unit.confine(&self.confinement_for(&settings)).await?;
+        Ok(())
+    }
+
     /// The settings in effect, and the generation of the persisted file they come from
     /// (`None`: the config's defaults, nothing persisted yet): one read of the file.
     fn settings_and_persisted(&self) -> Result<(DistccdSettings, Option<u64>), StoreError> {
@@ -288,14 +310,32 @@ impl<U: UnitControl> Worker<U> {
                 unit: unit_before,
             });
         }
-        let saved = self.store.save(&next, persisted)?;
-        let outcome = match self.unit.restart().await {
-            Ok(()) => self.wait_serving(&next).await,
-            Err(e) => Err(e.to_string()),
+        let running = if unit_before.is_active() {
+            self.unit.running_args().await.unwrap_or(None)
+        } else {
+            None
         };
+        let restart = needs_restart(running.as_deref(), &next.to_args(&self.config().policy));
+        let saved = self.store.save(&next, persisted)?;
+        let outcome = async {
+            // The filter first: a restarted distccd comes up behind the new list.
+            self.unit
+                .confine(&self.confinement_for(&next))
+                .await
+                .map_err(|e| e.to_string())?;
+            if restart {
+                self.unit.restart().await.map_err(|e| e.to_string())?;
+            }
+            self.wait_serving(&next).await
+        }
+        .await;
         match outcome {
             Ok(unit) => {
-                tracing::info!(settings = ?next, generation = saved.generation, "distccd restarted with new settings");
+                if restart {
+                    tracing::info!(settings = ?next, generation = saved.generation, "distccd restarted with new settings");
+                } else {
+                    tracing::info!(settings = ?next, generation = saved.generation, "allowlist applied to the kernel filter; distccd kept running");
+                }
                 Ok(ConfigureOutcome {
                     previous,
                     applied: next,
@@ -309,23 +349,35 @@ impl<U: UnitControl> Worker<U> {
                     generation: persisted.unwrap_or(0),
                     settings: previous,
                 };
-                Err(self.roll_back(&previous, reason).await)
+                Err(self.roll_back(&previous, reason, restart).await)
             }
         }
     }
 
     /// Put back exactly what was persisted before (same generation: the failed change
     /// never happened as far as other admins are concerned). Settings that were never
-    /// persisted (generation 0) are restored as the first generation.
-    async fn roll_back(&self, previous: &Persisted, reason: String) -> WorkerError {
+    /// persisted (generation 0) are restored as the first generation. The kernel filter
+    /// goes back too; distccd is restarted only when the failed change had restarted it.
+    async fn roll_back(
+        &self,
+        previous: &Persisted,
+        reason: String,
+        restarted: bool,
+    ) -> WorkerError {
         let journal = self.distccd_log_tail().await;
         tracing::warn!(%reason, "distccd did not come up with the new settings; rolling back");
         let restored = async {
             self.store.restore(previous).map_err(|e| e.to_string())?;
-            // A failed unit refuses nothing, but its restart counter and result would
-            // confuse the next reader; start from a clean slate.
-            let _ = self.unit.reset_failed().await;
-            self.unit.restart().await.map_err(|e| e.to_string())?;
+            self.unit
+                .confine(&self.confinement_for(&previous.settings))
+                .await
+                .map_err(|e| e.to_string())?;
+            if restarted {
+                // A failed unit refuses nothing, but its restart counter and result would
+                // confuse the next reader; start from a clean slate.
+                let _ = self.unit.reset_failed().await;
+                self.unit.restart().await.map_err(|e| e.to_string())?;
+            }
             self.wait_serving(&previous.settings).await
         }
         .await;
@@ -403,7 +455,7 @@ impl<U: UnitControl> Worker<U> {
         match crate::runtime::read_cmdline(unit.main_pid) {
             Ok(argv) => pb::RuntimeSettings {
                 pid: unit.main_pid,
-                drift: crate::runtime::drift(&argv, &settings.to_args()),
+                drift: crate::runtime::drift(&argv, &settings.to_args(&self.config().policy)),
                 argv,
                 error: String::new(),
             },
@@ -506,6 +558,8 @@ impl<U: UnitControl> Worker<U> {
             self.store.save(&settings, None)?;
             steps.push(format!("wrote {}", self.store.settings_path().display()));
         }
+        self.unit.confine(&self.confinement_for(&settings)).await?;
+        steps.push("kernel filter set".to_owned());
         self.unit.start().await?;
         steps.push("started".to_owned());
         let state = self
@@ -739,6 +793,25 @@ impl<U: UnitControl> Worker<U> {
                     e.to_string(),
                     "fix or remove the file; the agent rewrites it".to_owned(),
                 )),
+            },
+        );
+
+        let confinement = self.unit.confinement().await;
+        let active = unit.as_ref().is_ok_and(UnitState::is_active);
+        check(
+            "kernel-filter",
+            match (&settings, &confinement) {
+                (Ok(s), Ok(state)) => check_filter(&self.confinement_for(s), state, active)
+                    .map_err(|reason| {
+                        (
+                            reason,
+                            "the agent sets IPAddressAllow= on every start and Configure; \
+                             BPF firewalling needs cgroup v2 and bpf(2) for systemd"
+                                .to_owned(),
+                        )
+                    }),
+                (Err(e), _) => Err((e.to_string(), String::new())),
+                (_, Err(e)) => Err((e.to_string(), "is systemd reachable over D-Bus?".to_owned())),
             },
         );
 

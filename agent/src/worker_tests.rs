@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::AgentConfig;
+use crate::confinement::{Confinement, ConfinementState, Limits};
 use crate::settings::{AllowPolicy, Allowlist, DistccdSettings, Port};
 use crate::unit_control::{ChangeStream, UnitFuture};
 
@@ -21,6 +22,14 @@ struct FakeState {
     /// What systemd reports as `UnitFileState`; the package makes it "enabled".
     unit_file_state: &'static str,
     calls: Vec<&'static str>,
+    /// What SetUnitProperties set, as systemd would keep it.
+    confinement: Option<Confinement>,
+    /// The next confine() fails as if systemd or polkit refused it.
+    refuse_confine: bool,
+    /// DISTCCD_OPTS read at the last launch: the running distccd's arguments.
+    running_args: Option<Vec<String>>,
+    /// Bumped on every launch, like distccd's main PID.
+    launches: u32,
 }
 
 struct FakeDistccd {
@@ -54,6 +63,8 @@ impl FakeDistccd {
             .and_then(|l| l.strip_suffix('"'))
             .expect("DISTCCD_OPTS");
         let args: Vec<&str> = opts.split_whitespace().collect();
+        state.running_args = Some(args.iter().map(|a| (*a).to_owned()).collect());
+        state.launches += 1;
         let value = |flag: &str| {
             let at = args.iter().position(|a| *a == flag).expect(flag);
             args[at + 1]
@@ -67,8 +78,19 @@ impl FakeDistccd {
                 state.listener = Some(listener);
                 state.failed = false;
             }
-            Err(_) => state.failed = true,
+            Err(_) => {
+                state.failed = true;
+                state.running_args = None;
+            }
         }
+    }
+
+    fn confinement_set(&self) -> Option<Confinement> {
+        self.state.lock().unwrap().confinement.clone()
+    }
+
+    fn launches(&self) -> u32 {
+        self.state.lock().unwrap().launches
     }
 
     fn record(&self, call: &'static str) {
@@ -87,7 +109,9 @@ impl UnitControl for FakeDistccd {
     }
     fn stop(&self) -> UnitFuture<'_, ()> {
         self.record("stop");
-        self.state.lock().unwrap().listener = None;
+        let mut state = self.state.lock().unwrap();
+        state.listener = None;
+        state.running_args = None;
         Box::pin(async { Ok(()) })
     }
     fn restart(&self) -> UnitFuture<'_, ()> {
@@ -99,6 +123,40 @@ impl UnitControl for FakeDistccd {
         self.record("reset-failed");
         self.state.lock().unwrap().failed = false;
         Box::pin(async { Ok(()) })
+    }
+    fn confine(&self, confinement: &Confinement) -> UnitFuture<'_, ()> {
+        self.record("confine");
+        let mut state = self.state.lock().unwrap();
+        let result = if std::mem::take(&mut state.refuse_confine) {
+            Err(UnitError::Refused {
+                operation: "set-property".into(),
+                message: "org.freedesktop.DBus.Error.AccessDenied: denied".into(),
+            })
+        } else {
+            state.confinement = Some(confinement.clone());
+            Ok(())
+        };
+        Box::pin(async move { result })
+    }
+    fn confinement(&self) -> UnitFuture<'_, ConfinementState> {
+        let state = self.state.lock().unwrap();
+        let c = state.confinement.clone();
+        let active = state.listener.is_some();
+        Box::pin(async move {
+            Ok(
+                c.map_or_else(ConfinementState::default, |c| ConfinementState {
+                    ip_allow: c.ip_allow,
+                    ip_deny: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+                    ip_ingress_bytes: active.then_some(0),
+                    tasks_max: c.tasks_max,
+                    memory_max_bytes: c.memory_max_bytes,
+                }),
+            )
+        })
+    }
+    fn running_args(&self) -> UnitFuture<'_, Option<Vec<String>>> {
+        let args = self.state.lock().unwrap().running_args.clone();
+        Box::pin(async move { Ok(args) })
     }
     fn state(&self) -> UnitFuture<'_, UnitState> {
         let s = self.state.lock().unwrap();
@@ -144,9 +202,20 @@ struct Fixture {
     worker: Worker<FakeDistccd>,
 }
 
+const LIMITS: Limits = Limits {
+    tasks_max: 96,
+    memory_max_bytes: 1 << 30,
+};
+
 impl Fixture {
     fn new(allow: &[&str]) -> Self {
+        Self::within(allow, allow)
+    }
+
+    /// Allowlist `allow` under the policy `allow_within`.
+    fn within(allow: &[&str], allow_within: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let within: Allowlist = allow_within.iter().map(|a| a.parse().unwrap()).collect();
         let allow: Allowlist = allow.iter().map(|a| a.parse().unwrap()).collect();
         let distccd = DistccdSettings {
             allow: allow.clone(),
@@ -168,10 +237,11 @@ impl Fixture {
             masquerade_dir: dir.path().join("masquerade"),
             distccd_tmpdir: dir.path().to_owned(),
             policy: AllowPolicy {
-                allow_within: allow,
+                allow_within: within,
                 permit_public: false,
                 max_allow_entries: AllowPolicy::DEFAULT_MAX_ALLOW_ENTRIES,
             },
+            limits: LIMITS,
             distccd,
         };
         let unit = FakeDistccd {
@@ -196,10 +266,10 @@ impl Fixture {
 async fn first_start_bootstraps_once() {
     let f = Fixture::new(&["198.18.0.0/24"]);
     assert!(f.worker.first_start().await.unwrap());
-    assert_eq!(f.unit().calls(), ["start"]);
+    assert_eq!(f.unit().calls(), ["confine", "start"]);
     // A later agent start (restart, upgrade) leaves distccd alone.
     assert!(!f.worker.first_start().await.unwrap());
-    assert_eq!(f.unit().calls(), ["start"]);
+    assert_eq!(f.unit().calls(), ["confine", "start"]);
 }
 
 #[tokio::test]
@@ -226,7 +296,7 @@ async fn a_distccd_an_operator_disabled_is_not_started() {
         f.unit().state.lock().unwrap().unit_file_state = "enabled";
         let (state, steps) = f.worker.bootstrap().await.unwrap();
         assert!(state.is_active(), "{steps:?}");
-        assert_eq!(f.unit().calls(), ["start"]);
+        assert_eq!(f.unit().calls(), ["confine", "start"]);
     }
 }
 
@@ -355,7 +425,7 @@ async fn invalid_requests_touch_nothing() {
             other => panic!("{field}: {other}"),
         }
     }
-    assert_eq!(f.unit().calls(), ["start"]);
+    assert_eq!(f.unit().calls(), ["confine", "start"]);
     assert_eq!(f.worker.current_settings().unwrap(), before);
 }
 
@@ -387,7 +457,15 @@ async fn a_failed_restart_rolls_back() {
     );
     assert_eq!(
         f.unit().calls(),
-        ["start", "restart", "reset-failed", "restart"]
+        [
+            "confine",
+                        "start",
+            "confine",
+            "restart",
+            "confine",
+            "reset-failed",
+            "restart"
+        ]
     );
 }
 
@@ -398,7 +476,16 @@ async fn reset_is_stop_reset_failed_start() {
     let (state, steps) = f.worker.control(pb::ControlAction::Reset).await.unwrap();
     assert!(state.is_active());
     assert_eq!(steps.len(), 3);
-    assert_eq!(f.unit().calls(), ["start", "stop", "reset-failed", "start"]);
+    assert_eq!(
+        f.unit().calls(),
+        [
+            "confine",
+                        "start",
+            "stop",
+            "reset-failed",
+            "start"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -410,5 +497,103 @@ async fn the_first_allowlist_set_by_reload_bootstraps() {
     config.policy.allow_within = config.distccd.allow.clone();
     let outcome = f.worker.reload(config).await.unwrap().expect("applied");
     assert!(outcome.unit.is_active());
-    assert_eq!(f.unit().calls(), ["start"]);
+    assert_eq!(f.unit().calls(), ["confine", "start"]);
+}
+
+fn allow_request(cidrs: &[&str]) -> pb::ConfigureRequest {
+    pb::ConfigureRequest {
+        allow: Some(pb::AllowList {
+            cidrs: cidrs.iter().map(|c| (*c).to_owned()).collect(),
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn an_allowlist_change_inside_the_policy_only_swaps_the_kernel_filter() {
+    let f = Fixture::within(&["198.18.0.5/32", "198.18.0.6/32"], &["198.18.0.0/24"]);
+    f.worker.first_start().await.unwrap();
+    let launches = f.unit().launches();
+    let outcome = f
+        .worker
+        .configure(&allow_request(&["198.18.0.5/32"]))
+        .await
+        .unwrap();
+    assert!(outcome.changed);
+    assert_eq!(f.unit().calls(), ["confine", "start", "confine"]);
+    assert_eq!(f.unit().launches(), launches, "distccd was not restarted");
+    let filter: Vec<String> = f
+        .unit()
+        .confinement_set()
+        .unwrap()
+        .ip_allow
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(filter, ["198.18.0.5/32", "127.0.0.0/8", "::1/128"]);
+    // distccd's own --allow stayed the policy's.
+    let env = std::fs::read_to_string(&f.unit().env_file).unwrap();
+    assert!(
+        env.contains("DISTCCD_OPTS=\"--allow 198.18.0.0/24 "),
+        "{env}"
+    );
+    let report = f.worker.validate().await;
+    let check = report
+        .checks
+        .iter()
+        .find(|c| c.name == "kernel-filter")
+        .unwrap();
+    assert!(check.passed, "{check:?}");
+}
+
+#[tokio::test]
+async fn a_refused_filter_change_rolls_back_without_a_restart() {
+    let f = Fixture::within(&["198.18.0.5/32"], &["198.18.0.0/24"]);
+    f.worker.first_start().await.unwrap();
+    let before = f.worker.current_settings_generation().unwrap();
+    let filter_before = f.unit().confinement_set();
+    f.unit().state.lock().unwrap().refuse_confine = true;
+    let err = f
+        .worker
+        .configure(&allow_request(&["198.18.0.6/32"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WorkerError::RolledBack { .. }), "{err}");
+    assert_eq!(f.worker.current_settings_generation().unwrap(), before);
+    assert_eq!(f.unit().confinement_set(), filter_before);
+    assert_eq!(
+        f.unit().calls(),
+        ["confine", "start", "confine", "confine"],
+        "no restart on either side"
+    );
+}
+
+#[tokio::test]
+async fn validate_fails_when_the_filter_differs() {
+    let f = Fixture::within(&["198.18.0.5/32"], &["198.18.0.0/24"]);
+    f.worker.first_start().await.unwrap();
+    // Someone widened the unit's filter by hand.
+    f.unit().state.lock().unwrap().confinement = Some(Confinement {
+        ip_allow: vec!["198.18.0.0/16".parse().unwrap()],
+        ..Confinement::new(&f.worker.current_settings().unwrap(), LIMITS)
+    });
+    let report = f.worker.validate().await;
+    let check = report
+        .checks
+        .iter()
+        .find(|c| c.name == "kernel-filter")
+        .unwrap();
+    assert!(
+        !check.passed && check.reason.contains("IPAddressAllow"),
+        "{check:?}"
+    );
+    // The next agent start repairs it.
+    f.worker.enforce_confinement().await.unwrap();
+    let report = f.worker.validate().await;
+    let check = report
+        .checks
+        .iter()
+        .find(|c| c.name == "kernel-filter")
+        .unwrap();
+    assert!(check.passed, "{check:?}");
 }

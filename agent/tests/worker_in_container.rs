@@ -261,6 +261,7 @@ async fn status_auth_compile_and_validate() {
             "unit-active",
             "port-listening",
             "allowlist-sane",
+            "kernel-filter",
             "masquerade-links",
             "compilers-run",
             "tmpdir-space",
@@ -328,11 +329,18 @@ async fn configure_applies_validates_and_rolls_back() {
     assert_eq!(unit.active_state, "active");
     assert_ne!(unit.main_pid, before, "distccd was restarted");
     let cmdline = w.distccd_cmdline(unit.main_pid);
+    // distccd's own --allow is the policy's bound; the kernel filter has the allowlist.
     assert!(
-        cmdline.contains(&format!("--allow {builder}")) && cmdline.contains("--jobs 2"),
+        cmdline.contains(&format!("--allow {}", bed.subnet())) && cmdline.contains("--jobs 2"),
         "{cmdline}"
     );
-    assert!(!cmdline.contains(&bed.subnet().to_string()), "{cmdline}");
+    let filter = w
+        .container
+        .exec_ok(&["systemctl", "show", "-P", "IPAddressAllow", "distccd"])
+        .unwrap();
+    let mut filter: Vec<&str> = filter.split_whitespace().collect();
+    filter.sort_unstable();
+    assert_eq!(filter, ["127.0.0.0/8", builder.as_str(), "::1/128"]);
     remote_compile(w.container.ip()).expect("the builder is still admitted");
 
     // The same request again changes nothing and restarts nothing.

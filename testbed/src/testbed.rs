@@ -539,7 +539,13 @@ impl WorkerInner {
             // into the host's /var/log/journal.
             .args(["--settings=no", "--link-journal=no"])
             // Boot output to our log, never to the terminal of whoever runs the tests.
-            .arg("--console=read-only");
+            .arg("--console=read-only")
+            // systemd's IPAddressAllow=/IPAddressDeny= (distccd's kernel-enforced allowlist)
+            // load cgroup BPF programs. nspawn's seccomp filter permits bpf(2) only to
+            // containers holding CAP_BPF; without it every BPF_PROG_LOAD fails with EPERM
+            // and systemd silently runs units WITHOUT the firewall (see docs/TESTBED.md).
+            .arg("--capability=CAP_BPF")
+            .arg("--system-call-filter=bpf");
         for (host, container, ro) in &spec.binds {
             cmd.arg(bind_arg(host, container, *ro));
         }
