@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use distcc_proto::v1 as pb;
 use distcc_proto::v1::distcc_agent_client::DistccAgentClient;
-use distcc_testbed::{AGENT_PORT, AgentInstall, Rootfs, TEST_TOKEN, Testbed, Worker};
+use distcc_testbed::{AGENT_PORT, AgentInstall, Rootfs, TEST_TOKEN, Testbed, Worker, WorkerSpec};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -55,12 +55,20 @@ fn bed() -> Testbed {
 }
 
 async fn boot(bed: &Testbed, allow: &[String]) -> (Worker, Client) {
+    boot_with(bed, allow, |spec| spec).await
+}
+
+async fn boot_with(
+    bed: &Testbed,
+    allow: &[String],
+    customize: impl FnOnce(WorkerSpec) -> WorkerSpec,
+) -> (Worker, Client) {
     let install = AgentInstall {
         binary: PathBuf::from(env!("CARGO_BIN_EXE_distcc-agent")),
         repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
     };
     let worker = bed
-        .boot_agent_worker("w1", &install, &config(bed, allow), |spec| spec)
+        .boot_agent_worker("w1", &install, &config(bed, allow), customize)
         .expect("boot a worker running the agent");
     let channel = Channel::from_shared(format!("http://{}:{AGENT_PORT}", worker.ip()))
         .unwrap()
@@ -475,4 +483,31 @@ async fn allowlist_changes_apply_without_restart_or_dropped_compiles() {
         dropin.contains(&format!("IPAddressAllow={builder}")),
         "{dropin}"
     );
+}
+
+/// Where systemd cannot load cgroup BPF programs (here: a container whose seccomp filter
+/// refuses bpf(2)), it runs distccd WITHOUT the filter, and here (systemd 252) logs nothing
+/// about it. The agent's Validate must say it loudly; distccd's own --allow (the policy)
+/// still applies.
+#[tokio::test(flavor = "multi_thread")]
+async fn validate_says_when_the_kernel_filter_is_not_in_force() {
+    let _serial = SERIAL.lock().await;
+    let bed = bed();
+    let builder = format!("{}/32", bed.host_ip());
+    let (worker, mut client) = boot_with(
+        &bed,
+        std::slice::from_ref(&builder),
+        WorkerSpec::without_bpf,
+    )
+    .await;
+    let check = kernel_filter_check(&mut client).await;
+    assert!(
+        !check.passed && check.reason.contains("WITHOUT"),
+        "{check:?}"
+    );
+    // The unit's properties say IPAddressDeny=any all the same: only the accounting tells.
+    let deny = worker
+        .exec_ok(&["systemctl", "show", "-P", "IPAddressDeny", "distccd"])
+        .unwrap();
+    assert_eq!(deny.trim(), "0.0.0.0/0 ::/0");
 }

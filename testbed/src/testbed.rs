@@ -36,6 +36,7 @@ const CONTAINER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 pub struct WorkerSpec {
     name: String,
     binds: Vec<(PathBuf, PathBuf, bool)>,
+    bpf: bool,
 }
 
 impl WorkerSpec {
@@ -46,6 +47,7 @@ impl WorkerSpec {
         WorkerSpec {
             name: name.into(),
             binds: Vec::new(),
+            bpf: true,
         }
     }
 
@@ -63,6 +65,14 @@ impl WorkerSpec {
     /// Like [`WorkerSpec::bind_ro`], but writable: the container's writes reach the host.
     pub fn bind(mut self, host: impl Into<PathBuf>, container: impl Into<PathBuf>) -> WorkerSpec {
         self.binds.push((host.into(), container.into(), false));
+        self
+    }
+
+    /// Boot without bpf(2) for the container's systemd (nspawn's default): like a host
+    /// without cgroup BPF, systemd then runs units "WITHOUT firewalling" (IPAddressDeny=
+    /// and IPAddressAllow= silently not enforced).
+    pub fn without_bpf(mut self) -> WorkerSpec {
+        self.bpf = false;
         self
     }
 
@@ -539,13 +549,15 @@ impl WorkerInner {
             // into the host's /var/log/journal.
             .args(["--settings=no", "--link-journal=no"])
             // Boot output to our log, never to the terminal of whoever runs the tests.
-            .arg("--console=read-only")
-            // systemd's IPAddressAllow=/IPAddressDeny= (distccd's kernel-enforced allowlist)
-            // load cgroup BPF programs. nspawn's seccomp filter permits bpf(2) only to
-            // containers holding CAP_BPF; without it every BPF_PROG_LOAD fails with EPERM
-            // and systemd silently runs units WITHOUT the firewall (see docs/TESTBED.md).
-            .arg("--capability=CAP_BPF")
-            .arg("--system-call-filter=bpf");
+            .arg("--console=read-only");
+        if spec.bpf {
+            // systemd's IPAddressAllow=/IPAddressDeny= (distccd's kernel-enforced
+            // allowlist) load cgroup BPF programs. nspawn's seccomp filter refuses bpf(2)
+            // by default (EPERM for every BPF_PROG_LOAD, even with CAP_SYS_ADMIN), and
+            // systemd then silently runs units WITHOUT the firewall (see docs/TESTBED.md).
+            cmd.arg("--capability=CAP_BPF")
+                .arg("--system-call-filter=bpf");
+        }
         for (host, container, ro) in &spec.binds {
             cmd.arg(bind_arg(host, container, *ro));
         }
