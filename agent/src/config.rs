@@ -12,6 +12,7 @@ use distcc_config_file::ConfigFile;
 use serde::Deserialize;
 
 use crate::confinement::Limits;
+use crate::identity::IdentityFiles;
 use crate::settings::{AllowPolicy, Allowlist, DistccdSettings, bounded_setting};
 use crate::tokens::{MIN_TOKEN_LEN, Role, TokenEntry, TokenHash, Tokens, check_secret_file};
 
@@ -49,7 +50,8 @@ pub struct AgentConfig {
     /// What is accepted but should be fixed (a deprecated key...): printed by
     /// `--check-config` and logged at start.
     pub warnings: Vec<String>,
-    pub tls: Option<TlsConfig>,
+    /// TLS (the default) or, where the operator allowed it, plaintext.
+    pub transport: Transport,
     /// Where the agent writes distccd's environment file.
     pub state_dir: PathBuf,
     /// The systemd unit that runs distccd.
@@ -71,12 +73,51 @@ pub struct AgentConfig {
     pub distccd: DistccdSettings,
 }
 
+/// How the gRPC API is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsConfig {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// When set, clients must present a certificate signed by this CA (mTLS).
-    pub client_ca: Option<PathBuf>,
+pub enum Transport {
+    Tls {
+        /// `[tls] cert` and `key`; `None`: the agent's own generated identity
+        /// ([`crate::identity`]).
+        files: Option<IdentityFiles>,
+        /// When set, clients must present a certificate signed by this CA (mTLS).
+        client_ca: Option<PathBuf>,
+    },
+    /// `plaintext = true` on a loopback address, or `insecure_plaintext = true`.
+    Plaintext {
+        /// Reachable from other machines: tokens cross the network in clear.
+        insecure: bool,
+    },
+}
+
+impl AgentConfig {
+    /// The certificate and key the agent serves: configured, or generated.
+    pub fn identity_files(&self) -> Option<IdentityFiles> {
+        match &self.transport {
+            Transport::Tls { files, .. } => Some(
+                files
+                    .clone()
+                    .unwrap_or_else(|| IdentityFiles::generated(&self.state_dir)),
+            ),
+            Transport::Plaintext { .. } => None,
+        }
+    }
+
+    /// What `--check-config`, the STATUS= line and Validate warn about; `None` when the
+    /// transport is private.
+    pub fn transport_warning(&self) -> Option<String> {
+        match self.transport {
+            Transport::Plaintext { insecure: true } => Some(insecure_warning(self.listen)),
+            _ => None,
+        }
+    }
+}
+
+fn insecure_warning(listen: SocketAddr) -> String {
+    format!(
+        "INSECURE: gRPC on {listen} is plaintext (insecure_plaintext = true): tokens and \
+         every reply cross the network in clear"
+    )
 }
 
 pub use distcc_config_file::ConfigError;
@@ -144,6 +185,8 @@ struct RawConfig {
     job_timeout_secs: Option<Seconds>,
     masquerade_dir: Option<PathBuf>,
     distccd_tmpdir: Option<PathBuf>,
+    plaintext: Option<bool>,
+    insecure_plaintext: Option<bool>,
     tls: Option<RawTls>,
     #[serde(default)]
     policy: RawPolicy,
@@ -156,8 +199,8 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTls {
-    cert: PathBuf,
-    key: PathBuf,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
     client_ca: Option<PathBuf>,
 }
 
@@ -183,6 +226,10 @@ impl AgentConfig {
 
     fn from_file(file: &ConfigFile) -> Result<Self, ConfigError> {
         let raw: RawConfig = file.parse()?;
+        let listen = raw
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], distcc_proto::DEFAULT_AGENT_PORT)));
+        let transport = transport_of(file, &raw, listen)?;
 
         let mut warnings = Vec::new();
         let tokens_file = raw
@@ -257,18 +304,15 @@ impl AgentConfig {
             limits.memory_max_bytes = u64::from(mib.get()) << 20;
         }
 
+        if transport == (Transport::Plaintext { insecure: true }) {
+            warnings.push(insecure_warning(listen));
+        }
         Ok(Self {
-            listen: raw.listen.unwrap_or_else(|| {
-                SocketAddr::from(([0, 0, 0, 0], distcc_proto::DEFAULT_AGENT_PORT))
-            }),
+            listen,
             tokens: Arc::new(tokens),
             tokens_file,
             warnings,
-            tls: raw.tls.map(|t| TlsConfig {
-                cert: t.cert,
-                key: t.key,
-                client_ca: t.client_ca,
-            }),
+            transport,
             state_dir: raw
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
@@ -287,6 +331,69 @@ impl AgentConfig {
             limits,
             distccd: raw.distccd,
         })
+    }
+}
+
+/// TLS unless the operator asked for plaintext where it is allowed: on a loopback address
+/// (`plaintext = true`), or anywhere with the explicit `insecure_plaintext = true`.
+fn transport_of(
+    file: &ConfigFile,
+    raw: &RawConfig,
+    listen: SocketAddr,
+) -> Result<Transport, ConfigError> {
+    let wants_plaintext = match (raw.plaintext, raw.insecure_plaintext) {
+        (Some(false), Some(true)) => {
+            return Err(file.error(
+                "insecure_plaintext",
+                "contradicts plaintext = false; remove one of them",
+            ));
+        }
+        (Some(p), i) => p || i == Some(true),
+        (None, i) => i == Some(true),
+    };
+    if !wants_plaintext {
+        let Some(tls) = &raw.tls else {
+            return Ok(Transport::Tls {
+                files: None,
+                client_ca: None,
+            });
+        };
+        let files = match (&tls.cert, &tls.key) {
+            (Some(cert), Some(key)) => Some(IdentityFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(file.error(
+                    "tls",
+                    "`cert` and `key` go together; without both the agent serves its own \
+                     generated certificate",
+                ));
+            }
+        };
+        return Ok(Transport::Tls {
+            files,
+            client_ca: tls.client_ca.clone(),
+        });
+    }
+    if raw.tls.is_some() {
+        return Err(file.error("tls", "[tls] and plaintext exclude each other; remove one"));
+    }
+    let loopback = listen.ip().is_loopback();
+    match raw.insecure_plaintext {
+        Some(true) => Ok(Transport::Plaintext {
+            insecure: !loopback,
+        }),
+        _ if loopback => Ok(Transport::Plaintext { insecure: false }),
+        _ => Err(file.error(
+            "plaintext",
+            format!(
+                "plaintext gRPC on {listen} (not a loopback address) would send tokens in \
+                 clear: remove it to serve TLS (the default), listen on 127.0.0.1, or set \
+                 insecure_plaintext = true to accept that"
+            ),
+        )),
     }
 }
 
@@ -477,5 +584,66 @@ mod tests {
         let cfg = f.parse("").unwrap();
         assert!(cfg.distccd.allow.is_empty());
         assert!(cfg.policy.allow_within.is_empty());
+    }
+
+    #[test]
+    fn tls_is_the_default_with_a_generated_identity() {
+        let f = Fixture::new();
+        let cfg = f.parse("").unwrap();
+        assert_eq!(
+            cfg.transport,
+            Transport::Tls {
+                files: None,
+                client_ca: None
+            }
+        );
+        assert_eq!(
+            cfg.identity_files().unwrap(),
+            IdentityFiles::generated(Path::new(DEFAULT_STATE_DIR))
+        );
+        assert_eq!(cfg.transport_warning(), None);
+        // mTLS on top of the generated identity.
+        let cfg = f.parse("[tls]\nclient_ca = \"/ca.pem\"\n").unwrap();
+        assert!(matches!(
+            cfg.transport,
+            Transport::Tls {
+                files: None,
+                client_ca: Some(_)
+            }
+        ));
+        let (line, key, _) = invalid(f.parse("\n[tls]\ncert = \"/c.pem\"\n").unwrap_err());
+        assert_eq!((line, key.as_str()), (3, "tls"));
+    }
+
+    #[test]
+    fn plaintext_only_on_loopback_or_with_the_explicit_opt_in() {
+        let f = Fixture::new();
+        let cfg = f
+            .parse("listen = \"127.0.0.1:3634\"\nplaintext = true\n")
+            .unwrap();
+        assert_eq!(cfg.transport, Transport::Plaintext { insecure: false });
+        assert_eq!(cfg.transport_warning(), None);
+        let (line, key, message) = invalid(
+            f.parse("listen = \"0.0.0.0:3634\"\nplaintext = true\n")
+                .unwrap_err(),
+        );
+        assert_eq!((line, key.as_str()), (3, "plaintext"), "{message}");
+        assert!(message.contains("insecure_plaintext = true"), "{message}");
+        let cfg = f
+            .parse("listen = \"0.0.0.0:3634\"\ninsecure_plaintext = true\n")
+            .unwrap();
+        assert_eq!(cfg.transport, Transport::Plaintext { insecure: true });
+        assert!(cfg.transport_warning().unwrap().contains("INSECURE"));
+        assert!(cfg.warnings.iter().any(|w| w.contains("INSECURE")));
+        let (line, key, _) = invalid(
+            f.parse("plaintext = false\ninsecure_plaintext = true\n")
+                .unwrap_err(),
+        );
+        assert_eq!((line, key.as_str()), (3, "insecure_plaintext"));
+        let (_, key, _) = invalid(
+            f.parse("insecure_plaintext = true\n[tls]\nclient_ca = \"/ca.pem\"\n")
+                .unwrap_err(),
+        );
+        assert_eq!(key, "tls");
     }
 }

@@ -19,7 +19,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Transport};
+use crate::identity;
 use crate::service::{AgentService, TokenAuth};
 use crate::systemd::SystemdUnit;
 use crate::unit_control::UnitControl;
@@ -45,7 +46,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         tracing::warn!("{}: {warning}", config_path.display());
     }
     let listen = config.listen;
-    let tls = config.tls.clone();
+    let tls = server_tls(&config).context("preparing TLS")?;
     let unit = SystemdUnit::connect(&config.unit, config.job_timeout)
         .await
         .with_context(|| format!("connecting to systemd over D-Bus for {}", config.unit))?;
@@ -97,15 +98,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         move |r| auth.check(r),
     );
     let mut builder = Server::builder();
-    if let Some(tls) = &tls {
-        builder = builder
-            .tls_config(load_tls(tls).context("loading TLS material")?)
-            .context("configuring TLS")?;
+    let tls_enabled = tls.is_some();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("configuring TLS")?;
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    tracing::info!(%listen, tls = tls.is_some(), "serving gRPC");
+    tracing::info!(%listen, tls = tls_enabled, "serving gRPC");
     // tonic applies its TCP_NODELAY default only to listeners it binds itself: without it
     // small responses wait on delayed ACKs (40 ms steps measured, docs/BENCHMARKS.md).
     // Keepalive finds builders that vanished while holding a status stream.
@@ -225,6 +225,9 @@ async fn reload<U: UnitControl>(worker: &Worker<U>, path: &Path) {
             if config.listen != worker.config().listen {
                 tracing::warn!("listen address changed; it takes effect on restart");
             }
+            if config.transport != worker.config().transport {
+                tracing::warn!("transport ([tls], plaintext) changed; it takes effect on restart");
+            }
             match worker.reload(config).await {
                 Ok(Some(outcome)) => {
                     tracing::info!(settings = ?outcome.applied, "reloaded; applied new [distccd] settings")
@@ -305,12 +308,41 @@ fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled().map(|timeout| timeout / 2)
 }
 
-fn load_tls(tls: &crate::config::TlsConfig) -> Result<ServerTlsConfig> {
-    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let mut config =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
-    if let Some(ca) = &tls.client_ca {
-        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+/// The server's TLS: the configured certificate, or the agent's own (made now on its
+/// first start); `None` for plaintext.
+fn server_tls(config: &AgentConfig) -> Result<Option<ServerTlsConfig>> {
+    let Transport::Tls { files, client_ca } = &config.transport else {
+        return Ok(None);
+    };
+    if files.is_none() {
+        let names = identity::SubjectNames::of_this_machine();
+        if names.addresses.is_empty() {
+            tracing::warn!(
+                "found no interface addresses for the certificate: clients that check names \
+                 must dial the hostname (pinned fingerprints do not depend on names)"
+            );
+        }
+        let ensured = identity::ensure(&config.state_dir, &names)
+            .context("making the agent's own certificate")?;
+        if ensured.generated {
+            tracing::info!(
+                fingerprint = %ensured.fingerprint,
+                hostname = %names.hostname,
+                addresses = ?names.addresses,
+                "generated this agent's TLS certificate; pin it on builders with `builderctl trust`"
+            );
+        } else {
+            tracing::info!(fingerprint = %ensured.fingerprint, "serving the agent's own certificate");
+        }
     }
-    Ok(config)
+    let Some(files) = config.identity_files() else {
+        return Ok(None);
+    };
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod confinement;
 pub mod daemon;
 pub mod distccd_log;
+pub mod identity;
 pub mod listening;
 pub mod logging;
 pub mod runtime;

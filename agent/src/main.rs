@@ -17,6 +17,10 @@ struct Options {
     /// Validate the configuration file (and the tokens file it names), then exit.
     #[arg(long)]
     check_config: bool,
+    /// Print the SHA-256 fingerprint of the certificate the agent serves (the one
+    /// `builderctl trust` shows), then exit.
+    #[arg(long)]
+    fingerprint: bool,
     /// Print the man page (roff) and exit; packaging/build-debs installs it.
     #[arg(long, hide = true)]
     print_man: bool,
@@ -139,6 +143,10 @@ fn main() -> ExitCode {
         };
     }
 
+    if options.fingerprint {
+        return print_fingerprint(&options.config);
+    }
+
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -150,6 +158,30 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("distcc-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_fingerprint(config_path: &std::path::Path) -> ExitCode {
+    let files = match AgentConfig::load(config_path) {
+        Ok(config) => config.identity_files(),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(files) = files else {
+        eprintln!("the agent serves plaintext: it has no certificate");
+        return ExitCode::FAILURE;
+    };
+    match distcc_agent::identity::fingerprint_of(&files.cert) {
+        Ok(fingerprint) => {
+            println!("{fingerprint}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e} (the agent makes its certificate at its first start)");
             ExitCode::FAILURE
         }
     }

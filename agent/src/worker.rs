@@ -661,6 +661,14 @@ impl<U: UnitControl> Worker<U> {
 
     /// The one-line summary for `systemctl status distcc-agent` (sd-notify STATUS=).
     pub async fn status_line(&self) -> String {
+        let line = self.distccd_status_line().await;
+        match self.config().transport_warning() {
+            Some(warning) => format!("{warning}; {line}"),
+            None => line,
+        }
+    }
+
+    async fn distccd_status_line(&self) -> String {
         if !self.has_allowlist() {
             return format!(
                 "waiting for an allowlist: set [distccd] allow in {} and run systemctl reload distcc-agent",
@@ -909,6 +917,30 @@ impl<U: UnitControl> Worker<U> {
             },
         );
 
+        // Last, so the playbook's checks keep their order.
+        check(
+            "transport-private",
+            match (&config.transport, config.transport_warning()) {
+                (_, Some(warning)) => Err((
+                    warning,
+                    "remove insecure_plaintext from agent.toml: the agent serves TLS with its own \
+                     certificate by default (builders: builderctl trust)"
+                        .to_owned(),
+                )),
+                (crate::config::Transport::Plaintext { .. }, None) => Ok(format!(
+                    "plaintext on the loopback address {} only",
+                    config.listen
+                )),
+                (crate::config::Transport::Tls { client_ca, .. }, None) => Ok(format!(
+                    "TLS{}",
+                    if client_ca.is_some() {
+                        ", client certificates required"
+                    } else {
+                        ""
+                    }
+                )),
+            },
+        );
         let all_passed = checks.iter().all(|c| c.passed);
         pb::ValidateResponse { checks, all_passed }
     }

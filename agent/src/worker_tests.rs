@@ -229,7 +229,7 @@ impl Fixture {
             tokens: Default::default(),
             tokens_file: dir.path().join("tokens"),
             warnings: Vec::new(),
-            tls: None,
+            transport: crate::config::Transport::Plaintext { insecure: false },
             state_dir: dir.path().to_owned(),
             unit: "distccd.service".into(),
             status_interval: Duration::from_secs(10),

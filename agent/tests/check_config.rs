@@ -113,6 +113,28 @@ fn errors_name_file_line_and_key() {
     assert!(stderr.starts_with("agent.toml:2: distcd:"), "{stderr}");
 }
 
+#[test]
+fn plaintext_off_loopback_is_refused_and_the_opt_in_warned_about() {
+    let (ok, _, stderr) = check("listen = \"0.0.0.0:3634\"\nplaintext = true\n");
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("agent.toml:3: plaintext: plaintext gRPC on 0.0.0.0:3634"),
+        "{stderr}"
+    );
+    // On loopback, plaintext is fine and nothing is warned about.
+    let (ok, _, stderr) = check("listen = \"127.0.0.1:3634\"\nplaintext = true\n");
+    assert!(ok, "{stderr}");
+    assert_eq!(stderr, "");
+    // The explicit opt-in passes, with a warning.
+    let (ok, stdout, stderr) = check("listen = \"0.0.0.0:3634\"\ninsecure_plaintext = true\n");
+    assert!(ok, "{stderr}");
+    assert!(stdout.ends_with(": OK\n"), "{stdout}");
+    assert!(
+        stderr.starts_with("warning: agent.toml: INSECURE: gRPC on 0.0.0.0:3634 is plaintext"),
+        "{stderr}"
+    );
+}
+
 /// The shipped units stay hardened: `systemd-analyze security` rates each "OK" or better
 /// (exposure at most 2.0 of 10). docs/BENCHMARKS.md records the current scores.
 #[test]

@@ -265,7 +265,8 @@ async fn status_auth_compile_and_validate() {
             "masquerade-links",
             "compilers-run",
             "tmpdir-space",
-            "no-foreign-distccd"
+            "no-foreign-distccd",
+            "transport-private"
         ]
     );
     let failed: Vec<_> = report.checks.iter().filter(|c| !c.passed).collect();
@@ -758,4 +759,58 @@ async fn tls_with_client_certificates() {
 /// Connection errors and statuses as one boxed error type for the test's closures.
 fn anyhow_free(message: String) -> Box<dyn std::error::Error + Send + Sync> {
     message.into()
+}
+
+/// `insecure_plaintext = true`: served, and warned about in `systemctl status` (the
+/// STATUS= line) and by Validate.
+#[tokio::test(flavor = "multi_thread")]
+async fn insecure_plaintext_is_warned_about() {
+    let bed = bed();
+    let install = AgentInstall {
+        binary: PathBuf::from(env!("CARGO_BIN_EXE_distcc-agent")),
+        repo: Path::new(env!("CARGO_MANIFEST_DIR")).join(".."),
+    };
+    let config = format!("insecure_plaintext = true\n{}", agent_config(&bed, 3));
+    let container = bed
+        .boot_agent_worker("w1", &install, &config, |spec| spec)
+        .unwrap();
+    let channel = Channel::from_shared(format!("http://{}:{AGENT_PORT}", container.ip()))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("plaintext, as configured");
+    let worker = AgentWorker { container, channel };
+    let status_text = || {
+        worker
+            .container
+            .exec_ok(&["systemctl", "show", "-P", "StatusText", "distcc-agent"])
+            .unwrap()
+    };
+    assert!(
+        status_text().starts_with("INSECURE: gRPC on 0.0.0.0:3634 is plaintext"),
+        "{}",
+        status_text()
+    );
+    let checks = worker
+        .client()
+        .validate(pb::ValidateRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let transport = checks
+        .checks
+        .iter()
+        .find(|c| c.name == "transport-private")
+        .expect("a transport check");
+    assert!(!transport.passed, "{transport:?}");
+    assert!(transport.reason.contains("plaintext"), "{transport:?}");
+    assert!(!checks.all_passed);
+    assert!(
+        worker
+            .container
+            .journal("distcc-agent.service", 40)
+            .contains("INSECURE"),
+        "the agent's log says it too"
+    );
 }

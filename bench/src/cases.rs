@@ -13,7 +13,7 @@ use distcc_proto::v1 as pb;
 use distcc_proto::v1::distcc_agent_client::DistccAgentClient;
 use distcc_testbed::{AGENT_PORT, TEST_TOKEN, Worker};
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -822,7 +822,10 @@ pub fn footprint(bench: &Bench) -> Result<Section> {
     let mut status_ticks = vec![0u64; servers.len()];
     let mut status_calls = 0usize;
     let (lat, thr) = runtime.block_on(async {
-        let channel = Channel::from_shared(format!("http://{}:{AGENT_PORT}", target.ip()))?
+        // TLS, the agents' default: the worker's own certificate is the one root.
+        let cert = target.agent_certificate()?;
+        let channel = Channel::from_shared(format!("https://{}:{AGENT_PORT}", target.ip()))?
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(cert)))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(5))
             .connect()

@@ -136,17 +136,30 @@ impl BuilderConfig {
             dir.join("builder.toml"),
             format!(
                 "workers = [{}]\ntoken_file = \"{}\"\nworkspace = \"{}\"\ntmpfs_size = \"64M\"\n\
-                 deadline_ms = {DEADLINE_MS}\noperation_deadline_ms = 30000\n",
+                 deadline_ms = {DEADLINE_MS}\noperation_deadline_ms = 30000\n\
+                 known_workers = \"{}\"\n",
                 workers.join(", "),
                 dir.join("token").display(),
                 workspace.display(),
+                dir.join("known_workers").display(),
             ),
         )?;
-        Ok(BuilderConfig {
+        let config = BuilderConfig {
             dir,
             workspace,
             builderctl: builderctl.to_owned(),
-        })
+        };
+        // The agents serve TLS with their own certificates: pin them, as an operator does.
+        if !endpoints.is_empty() {
+            let (_, out) = config.timed(&["trust", "--yes"])?;
+            anyhow::ensure!(
+                out.status.success(),
+                "builderctl trust --yes: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(config)
     }
 
     /// Adds `line` to builder.toml.

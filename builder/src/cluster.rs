@@ -1,6 +1,7 @@
 //! Talking to every worker agent at once, each call bounded by a deadline so a dead
 //! worker costs at most that deadline, never a hang.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -12,10 +13,11 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::config::AgentAccess;
+use crate::config::{AgentAccess, Transport, Trust};
 use crate::host_list::{
     HostList, LocalCompiler, Policy, WorkerInput, WorkerVerdict, endpoint_host,
 };
+use crate::trust::{CertificateCapture, KnownWorkers};
 
 /// One worker as the builder sees it. Serialised as the stable JSON of `status --json`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -156,11 +158,11 @@ pub async fn connect(
     let bearer: MetadataValue<_> = format!("Bearer {}", access.token)
         .parse()
         .map_err(|_| "token is not valid ASCII".to_owned())?;
-    let scheme = if access.tls.is_some() {
-        "https"
-    } else {
-        "http"
+    let tls = match &access.transport {
+        Transport::Tls(tls) => Some(tls),
+        Transport::Plaintext => None,
     };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut channel = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(deadline)
@@ -168,17 +170,30 @@ pub async fn connect(
         .http2_keep_alive_interval(Duration::from_secs(2))
         .keep_alive_timeout(deadline)
         .keep_alive_while_idle(true);
-    if let Some(tls) = &access.tls {
-        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+    if let Some(tls) = tls {
+        let mut config = ClientTlsConfig::new();
         if let Some((cert, key)) = &tls.identity {
             config = config.identity(Identity::from_pem(cert, key));
         }
         if let Some(domain) = &tls.domain {
             config = config.domain_name(domain.clone());
         }
-        channel = channel
-            .tls_config(config)
-            .map_err(|e| format!("tls: {}", error_chain(&e)))?;
+        channel = match &tls.trust {
+            Trust::Ca(pem) => channel.tls_config(config.ca_certificate(Certificate::from_pem(pem))),
+            Trust::Pinned(file) => {
+                let pins = KnownWorkers::load(file).map_err(|e| e.to_string())?;
+                if pins.get(endpoint).is_none() {
+                    // Refused before dialling: nothing to verify the worker against.
+                    let unknown = crate::trust::PinError::Unknown {
+                        endpoint: endpoint.to_owned(),
+                        file: file.display().to_string(),
+                    };
+                    return Err(unknown.to_string());
+                }
+                channel.tls_config_with_verifier(config, Arc::new(pins.verifier(endpoint)))
+            }
+        }
+        .map_err(|e| format!("tls: {}", error_chain(&e)))?;
     }
     let channel = channel
         .connect()
@@ -191,6 +206,33 @@ pub async fn connect(
         Ok(request)
     });
     Ok(DistccAgentClient::with_interceptor(channel, add_token))
+}
+
+/// The fingerprint of the certificate the agent at `endpoint` presents, for `builderctl
+/// trust`. The handshake is ended as soon as the certificate is seen: no token or request
+/// is sent to a worker that is not trusted yet.
+pub async fn presented_fingerprint(
+    endpoint: &str,
+    tls: &crate::config::TlsSettings,
+    deadline: Duration,
+) -> Result<String, String> {
+    let capture = Arc::new(CertificateCapture::new());
+    let mut config = ClientTlsConfig::new();
+    if let Some(domain) = &tls.domain {
+        config = config.domain_name(domain.clone());
+    }
+    let channel = Endpoint::from_shared(format!("https://{endpoint}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(deadline)
+        .tls_config_with_verifier(config, capture.clone())
+        .map_err(|e| format!("tls: {}", error_chain(&e)))?;
+    let outcome = tokio::time::timeout(deadline, channel.connect()).await;
+    match (capture.presented(), outcome) {
+        (Some(der), _) => Ok(distcc_proto::certificate_fingerprint(&der)),
+        (None, Err(_)) => Err(format!("no TLS handshake within {deadline:?}")),
+        (None, Ok(Err(e))) => Err(format!("connect: {}", error_chain(&e))),
+        (None, Ok(Ok(_))) => Err("the handshake ended without a certificate".to_owned()),
+    }
 }
 
 /// An error with its sources, on one line ("transport error: tcp connect error: ...").

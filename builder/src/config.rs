@@ -43,8 +43,35 @@ pub struct AgentAccess {
     pub token: String,
     /// `admin_token_file`'s: needed only for what changes a worker (reset, bootstrap).
     pub admin_token: Option<String>,
-    /// `None`: plain HTTP/2 (the agents' default).
-    pub tls: Option<TlsSettings>,
+    pub transport: Transport,
+}
+
+/// How the builder reaches the agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// TLS, the agents' default.
+    Tls(TlsSettings),
+    /// `insecure_plaintext = true`: for agents that serve plaintext (their own opt-in).
+    Plaintext,
+}
+
+/// Who vouches for the agents' certificates.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// `[tls] ca`: the cluster CA that signed them (names checked as with any CA).
+    Ca(Vec<u8>),
+    /// No CA: each worker's certificate is pinned in this file (`known_workers`,
+    /// written by `builderctl trust`), read at every connection.
+    Pinned(PathBuf),
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ca(pem) => write!(f, "Ca({} bytes)", pem.len()),
+            Self::Pinned(path) => write!(f, "Pinned({})", path.display()),
+        }
+    }
 }
 
 /// Why a command that changes workers cannot run.
@@ -69,8 +96,7 @@ impl AgentAccess {
 /// a configuration error naming its key, not a failure of every RPC later.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TlsSettings {
-    /// `ca`: the CA that signed the agents' certificates.
-    pub ca_pem: Vec<u8>,
+    pub trust: Trust,
     /// `cert` and `key`: this builder's client certificate, for agents that require one
     /// (mTLS, the agent's `[tls] client_ca`).
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
@@ -83,7 +109,7 @@ impl std::fmt::Debug for TlsSettings {
     // The key stays out of logs and panics.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsSettings")
-            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field("trust", &self.trust)
             .field("client_certificate", &self.identity.is_some())
             .field("domain", &self.domain)
             .finish()
@@ -93,7 +119,7 @@ impl std::fmt::Debug for TlsSettings {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTls {
-    ca: Spanned<PathBuf>,
+    ca: Option<Spanned<PathBuf>>,
     cert: Option<Spanned<PathBuf>>,
     key: Option<Spanned<PathBuf>>,
     domain: Option<Spanned<String>>,
@@ -117,6 +143,8 @@ struct RawConfig {
     masquerade_dir: Option<PathBuf>,
     allow_mismatch: Option<bool>,
     tls: Option<Spanned<RawTls>>,
+    known_workers: Option<PathBuf>,
+    insecure_plaintext: Option<bool>,
 }
 
 impl BuilderConfig {
@@ -149,9 +177,31 @@ impl BuilderConfig {
             .as_ref()
             .map(|file| read_token(file, "admin_token_file"))
             .transpose()?;
-        let tls = match &raw.tls {
-            None => None,
-            Some(tls) => {
+        let known_workers = raw
+            .known_workers
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::trust::DEFAULT_KNOWN_WORKERS));
+        // Errors in the pins file surface now, naming its line, not at every RPC.
+        let pinned = || {
+            crate::trust::KnownWorkers::load(&known_workers)
+                .map(|_| Trust::Pinned(known_workers.clone()))
+                .map_err(|e| file.error("known_workers", e.to_string()))
+        };
+        let transport = match (&raw.tls, raw.insecure_plaintext == Some(true)) {
+            (Some(tls), true) => {
+                return Err(invalid(
+                    tls.span().start,
+                    "tls",
+                    "[tls] and insecure_plaintext = true exclude each other; remove one".to_owned(),
+                ));
+            }
+            (None, true) => Transport::Plaintext,
+            (None, false) => Transport::Tls(TlsSettings {
+                trust: pinned()?,
+                identity: None,
+                domain: None,
+            }),
+            (Some(tls), false) => {
                 let read = |file: &Spanned<PathBuf>, key: &str| {
                     std::fs::read(file.get_ref()).map_err(|e| {
                         invalid(
@@ -189,8 +239,12 @@ impl BuilderConfig {
                         format!("{:?} is not a DNS name", domain.get_ref()),
                     ));
                 }
-                Some(TlsSettings {
-                    ca_pem: read(&tls_ref.ca, "tls.ca")?,
+                let trust = match &tls_ref.ca {
+                    Some(ca) => Trust::Ca(read(ca, "tls.ca")?),
+                    None => pinned()?,
+                };
+                Transport::Tls(TlsSettings {
+                    trust,
                     identity,
                     domain: tls_ref.domain.as_ref().map(|d| d.get_ref().clone()),
                 })
@@ -276,7 +330,7 @@ impl BuilderConfig {
             access: AgentAccess {
                 token,
                 admin_token,
-                tls,
+                transport,
             },
             workspace: raw
                 .workspace
@@ -378,7 +432,15 @@ mod tests {
         let c = load("workers = [\"198.18.0.11:3634\", \"198.18.0.12:3634\"]\nworkspace = \"/tmp/kernel-build\"\ntmpfs_size = \"2G\"\n").unwrap();
         assert_eq!(c.workers, ["198.18.0.11:3634", "198.18.0.12:3634"]);
         assert_eq!(c.access.token, "0123456789abcdef");
-        assert_eq!(c.access.tls, None);
+        // TLS by default, the workers' certificates pinned in the default file.
+        assert_eq!(
+            c.access.transport,
+            Transport::Tls(TlsSettings {
+                trust: Trust::Pinned(PathBuf::from(crate::trust::DEFAULT_KNOWN_WORKERS)),
+                identity: None,
+                domain: None,
+            })
+        );
         assert_eq!(c.deadline, Duration::from_secs(1));
         assert_eq!(c.compilers, ["gcc", "g++"]);
         assert_eq!(c.local_slots, 2);
@@ -420,8 +482,10 @@ mod tests {
             path("key.pem")
         ))
         .unwrap();
-        let tls = c.access.tls.unwrap();
-        assert_eq!(tls.ca_pem, b"CA");
+        let Transport::Tls(tls) = c.access.transport else {
+            panic!("TLS expected")
+        };
+        assert_eq!(tls.trust, Trust::Ca(b"CA".to_vec()));
         assert_eq!(tls.identity, Some((b"CERT".to_vec(), b"KEY".to_vec())));
         assert_eq!(tls.domain.as_deref(), Some("w1.example"));
         assert!(
@@ -433,7 +497,10 @@ mod tests {
             path("ca.pem")
         ))
         .unwrap();
-        assert_eq!(c.access.tls.unwrap().identity, None);
+        assert!(matches!(
+            c.access.transport,
+            Transport::Tls(TlsSettings { identity: None, .. })
+        ));
         for (body, key) in [
             (
                 format!("workers = []\n[tls]\nca = \"{}\"\n", path("missing.pem")),
@@ -483,5 +550,34 @@ mod tests {
             }
             e => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn plaintext_needs_the_explicit_opt_in_and_pins_are_checked() {
+        let c = load("workers = []\ninsecure_plaintext = true\n").unwrap();
+        assert_eq!(c.access.transport, Transport::Plaintext);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "CA").unwrap();
+        let err = load(&format!(
+            "workers = []\ninsecure_plaintext = true\n[tls]\nca = \"{}\"\n",
+            dir.path().join("ca.pem").display()
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Invalid { ref key, .. } if key == "tls"),
+            "{err}"
+        );
+        // A bad pins file is a configuration error naming its own line.
+        let pins = dir.path().join("known_workers");
+        std::fs::write(&pins, "w1:3634 not-a-fingerprint\n").unwrap();
+        let err = load(&format!(
+            "workers = []\nknown_workers = \"{}\"\n",
+            pins.display()
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("{}:1:", pins.display())),
+            "{err}"
+        );
     }
 }

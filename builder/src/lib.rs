@@ -14,4 +14,5 @@ pub mod pace;
 pub mod session;
 pub mod state_files;
 pub mod steer;
+pub mod trust;
 pub mod workspace;

@@ -97,6 +97,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show each worker's TLS certificate fingerprint and pin it in the known-workers
+    /// file (SSH known_hosts style); later connections accept only the pinned certificate.
+    Trust {
+        /// Endpoints or hosts; all workers when none.
+        workers: Vec<String>,
+        /// Record without asking (for scripts); without it, a terminal must confirm.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Keep a hosts file (default /etc/distcc/hosts) fresh from live worker status, for
     /// builds that never enter builder mode (`distcc-builder.service`, Type=notify).
     Daemon {
@@ -182,6 +191,9 @@ fn dispatch(setup: &BuilderSetup, command: Command) -> anyhow::Result<ExitCode> 
             rolling,
             json,
         )),
+        Command::Trust { workers, yes } => {
+            runtime.block_on(commands::trust::run(setup, &workers, yes))
+        }
         Command::Monitor { distcc_dir, once } => {
             runtime.block_on(commands::monitor::run(setup, distcc_dir, once))
         }

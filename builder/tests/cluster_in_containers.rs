@@ -66,7 +66,7 @@ fn builderctl_against_a_three_worker_cluster() {
     let bed = Testbed::create().expect("test-bed network");
     let workers = boot_cluster(&bed);
     let endpoints: Vec<String> = workers.iter().map(|w| format!("{}:3634", w.ip())).collect();
-    let builder = Builder::new(&endpoints, None);
+    let builder = Builder::trusting(&endpoints, None);
 
     // All healthy: every worker in the host list, with slots, and exit status 0.
     let out = builder.run(&["status", "--json"]);
@@ -382,7 +382,7 @@ fn daemon_keeps_a_hosts_file_fresh() {
         })
         .collect();
     let endpoints: Vec<String> = workers.iter().map(|w| format!("{}:3634", w.ip())).collect();
-    let builder = Builder::new(&endpoints, None);
+    let builder = Builder::trusting(&endpoints, None);
     let hosts_file = builder.dir.path().join("etc-distcc-hosts");
     let stderr = std::fs::File::create(builder.dir.path().join("daemon.log")).unwrap();
     let mut daemon = builder
@@ -480,7 +480,8 @@ fn tls_and_client_certificates_for_every_rpc() {
     let plain = std::fs::read_to_string(&toml).unwrap();
     let path = |name: &str| pem.path().join(name).display().to_string();
 
-    // Plain text: the agent does not answer it.
+    // Plain text (the builder's explicit opt-in): the agent does not answer it.
+    std::fs::write(&toml, format!("{plain}insecure_plaintext = true\n")).unwrap();
     let doc = json(&builder.run(&["status", "--json"]));
     assert_eq!(by_endpoint(&doc, &endpoint)["reachable"], false, "{doc}");
 
@@ -524,4 +525,117 @@ fn tls_and_client_certificates_for_every_rpc() {
         text(&out)
     );
     assert!(!stdout.contains("out,"), "{}", text(&out));
+}
+
+/// The default transport end to end: a fresh agent makes its own key and certificate,
+/// `builderctl trust` shows and pins the fingerprint, every later connection verifies
+/// the pin, and a replaced certificate is refused with both fingerprints shown.
+#[test]
+fn trust_pins_each_worker_and_refuses_a_changed_certificate() {
+    Rootfs::ensure().expect("test-bed root filesystem");
+    let bed = Testbed::create().expect("test-bed network");
+    let install = distcc_testbed::AgentInstall::from_workspace(&common::repo_root()).unwrap();
+    let w1 = bed
+        .boot_agent_worker(
+            "w1",
+            &install,
+            &distcc_testbed::agent_config(&bed, 3),
+            |s| s,
+        )
+        .unwrap();
+    let endpoint = format!("{}:3634", w1.ip());
+
+    // The identity was made on the worker, readable by the agent alone.
+    let modes = w1
+        .exec_ok(&[
+            "stat",
+            "-c",
+            "%a %U",
+            "/var/lib/distcc-agent/tls",
+            "/var/lib/distcc-agent/tls/key.pem",
+        ])
+        .unwrap();
+    assert_eq!(modes.trim(), "700 distcc-agent\n600 distcc-agent");
+    let first = w1.agent_fingerprint().unwrap();
+    assert!(
+        w1.journal("distcc-agent.service", 50)
+            .contains("generated this agent's TLS certificate"),
+        "{}",
+        w1.journal("distcc-agent.service", 50)
+    );
+
+    // Not trusted yet, no CA: refused, saying what to run.
+    let builder = Builder::new(std::slice::from_ref(&endpoint), None);
+    let doc = json(&builder.run(&["status", "--json"]));
+    let row = by_endpoint(&doc, &endpoint);
+    assert_eq!(row["reachable"], false, "{doc}");
+    assert!(
+        row["excluded_reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("run `builderctl trust {endpoint}`")),
+        "{doc}"
+    );
+
+    // Without a terminal and without --yes: shows the fingerprint, records nothing.
+    let out = builder.run(&["trust"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&first),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--yes"),
+        "{}",
+        text(&out)
+    );
+    assert!(!builder.known_workers().exists(), "nothing recorded");
+
+    // --yes records exactly the certificate the agent serves; status works over it.
+    let out = builder.run(&["trust", "--yes"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let pins = std::fs::read_to_string(builder.known_workers()).unwrap();
+    assert!(
+        pins.lines().any(|l| l == format!("{endpoint} {first}")),
+        "{pins}"
+    );
+    let out = builder.run(&["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        by_endpoint(&json(&out), &endpoint)["distccd_state"],
+        "active"
+    );
+    let again = builder.run(&["trust"]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("already trusted"),
+        "{}",
+        text(&again)
+    );
+
+    // The worker's certificate is replaced: refused, with both fingerprints.
+    w1.exec_ok(&["rm", "-r", "/var/lib/distcc-agent/tls"])
+        .unwrap();
+    w1.exec_ok(&["systemctl", "restart", "distcc-agent"])
+        .unwrap();
+    let second = w1.agent_fingerprint().unwrap();
+    assert_ne!(first, second, "a new key and certificate");
+    let out = builder.run(&["status", "--json"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let doc = json(&out);
+    let reason = by_endpoint(&doc, &endpoint)["excluded_reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        reason.contains("CHANGED") && reason.contains(&first) && reason.contains(&second),
+        "{reason}"
+    );
+    // A builder talking plaintext (its own opt-in) does not reach a TLS agent either.
+    let toml = builder.dir.path().join("builder.toml");
+    let config = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("{config}insecure_plaintext = true\n")).unwrap();
+    let doc = json(&builder.run(&["status", "--json"]));
+    assert_eq!(by_endpoint(&doc, &endpoint)["reachable"], false, "{doc}");
 }

@@ -104,7 +104,7 @@ impl SlowProjectCluster {
         let bed = Testbed::create().expect("test-bed network");
         let workers = boot_cluster(&bed);
         let endpoints: Vec<String> = workers.iter().map(|w| format!("{}:3634", w.ip())).collect();
-        let builder = Builder::new(&endpoints, None);
+        let builder = Builder::trusting(&endpoints, None);
         let source = builder.dir.path().join("project");
         write_slow_project(&source);
         let marks = builder.dir.path().join("marks");

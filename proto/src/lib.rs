@@ -56,3 +56,13 @@ pub fn compiler_fingerprint(path: &std::path::Path) -> std::io::Result<String> {
         .map(|b| format!("{b:02x}"))
         .collect())
 }
+
+/// A TLS certificate's fingerprint as operators see and compare it: `SHA256:` and the
+/// lowercase hex sha256 of the certificate's DER bytes. Part of the contract: the agent
+/// prints it (`distcc-agent --fingerprint`), `builderctl trust` shows and pins it.
+pub fn certificate_fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(der);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("SHA256:{hex}")
+}

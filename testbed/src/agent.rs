@@ -117,7 +117,28 @@ impl AgentInstall {
     }
 }
 
-/// An agent config admitting the test-bed's subnet, with `jobs` slots.
+/// The certificate the agent generates at its first start (its key is next to it).
+pub const AGENT_CERT: &str = "/var/lib/distcc-agent/tls/cert.pem";
+
+impl Worker {
+    /// The agent's certificate as PEM: what a client that trusts this one worker uses
+    /// as its root (the certificate is self-signed and names the worker's address).
+    pub fn agent_certificate(&self) -> Result<String> {
+        self.exec_ok(&["cat", AGENT_CERT])
+    }
+
+    /// `distcc-agent --fingerprint`, run on the worker: what an operator compares with
+    /// what `builderctl trust` shows.
+    pub fn agent_fingerprint(&self) -> Result<String> {
+        Ok(self
+            .exec_ok(&["distcc-agent", "--fingerprint"])?
+            .trim()
+            .to_owned())
+    }
+}
+
+/// An agent config admitting the test-bed's subnet, with `jobs` slots. No `[tls]`: the
+/// agent serves TLS with the certificate it generates, as a fresh install does.
 pub fn agent_config(bed: &Testbed, jobs: u32) -> String {
     format!(
         "listen = \"0.0.0.0:{AGENT_PORT}\"\ntokens_file = \"/etc/distcc-agent/tokens\"\n\

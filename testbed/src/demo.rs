@@ -62,7 +62,12 @@ pub fn run(repo: &Path, quick: bool) -> Result<()> {
             .args(args)
             .status()
     };
-    step("builderctl status (gRPC to every agent, in parallel)");
+    // The agents serve TLS with certificates they made at install; the builder pins them
+    // (an operator compares them with `distcc-agent --fingerprint` on each worker).
+    step("builderctl trust --yes (pin each worker's TLS certificate)");
+    let trusted = builder(&["trust", "--yes"])?;
+    anyhow::ensure!(trusted.success(), "builderctl trust failed: {trusted}");
+    step("builderctl status (gRPC over TLS to every agent, in parallel)");
     builder(&["status"])?;
 
     let build_started = Instant::now();
@@ -162,9 +167,11 @@ fn write_builder_config(dir: &Path, workers: &[Worker]) -> Result<PathBuf> {
     std::fs::write(
         &path,
         format!(
-            "workers = [{}]\ntoken_file = \"{}\"\nworkspace = \"/tmp/kernel-build\"\ntmpfs_size = \"2G\"\n",
+            "workers = [{}]\ntoken_file = \"{}\"\nworkspace = \"/tmp/kernel-build\"\ntmpfs_size = \"2G\"\n\
+             known_workers = \"{}\"\n",
             endpoints.join(", "),
-            token.display()
+            token.display(),
+            dir.join("known_workers").display()
         ),
     )?;
     Ok(path)

@@ -39,8 +39,8 @@ mod testbed;
 use anyhow::{Result, bail};
 
 pub use agent::{
-    AGENT_PORT, AgentInstall, TEST_READ_TOKEN, TEST_TOKEN, agent_config, test_tokens_file,
-    tokens_file, write_secret,
+    AGENT_CERT, AGENT_PORT, AgentInstall, TEST_READ_TOKEN, TEST_TOKEN, agent_config,
+    test_tokens_file, tokens_file, write_secret,
 };
 pub use cpu::CpuQuota;
 pub use kernel::{KERNEL_TARBALL, REPRODUCIBLE_BUILD_ENV, kernel_source};

@@ -64,29 +64,36 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-/// `builderctl status --json` from the root namespace (the builder).
-fn builder_status(dir: &Path, ip: Ipv4Addr, token: &str) -> (bool, String) {
+/// `builderctl ARGS` from the root namespace (the builder), configured for the one
+/// worker at `ip` with pins in `dir/known_workers`: (success, stdout).
+fn builderctl(dir: &Path, ip: Ipv4Addr, token: &str, args: &[&str]) -> (bool, String) {
     let token_file = dir.join("builder-token");
     distcc_testbed::write_secret(&token_file, token).unwrap();
     let config = dir.join("builder.toml");
     std::fs::write(
         &config,
         format!(
-            "workers = [\"{ip}:3634\"]\ntoken_file = \"{}\"\n",
-            token_file.display()
+            "workers = [\"{ip}:3634\"]\ntoken_file = \"{}\"\nknown_workers = \"{}\"\n",
+            token_file.display(),
+            dir.join("known_workers").display()
         ),
     )
     .unwrap();
     let out = Command::new(repo_root().join("target/release/builderctl"))
         .args(["--config"])
         .arg(&config)
-        .args(["status", "--json"])
+        .args(args)
         .output()
         .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
+}
+
+/// `builderctl status --json`.
+fn builder_status(dir: &Path, ip: Ipv4Addr, token: &str) -> (bool, String) {
+    builderctl(dir, ip, token, &["status", "--json"])
 }
 
 /// A C project big enough that its build spans a package upgrade, built through `ip`
@@ -163,6 +170,22 @@ fn install_upgrade_during_a_build_remove_purge() {
     assert_eq!(mode("/etc/distcc-agent/tokens"), "640 root distcc-agent");
     assert_eq!(mode("/etc/distcc-agent/read.token"), "600 root root");
     assert_eq!(mode("/etc/distcc-agent/admin.token"), "600 root root");
+    // A fresh install serves TLS with a key made on the worker, for the agent alone.
+    let identity = w
+        .exec_ok(&[
+            "stat",
+            "-c",
+            "%a %U %G",
+            "/var/lib/distcc-agent/tls",
+            "/var/lib/distcc-agent/tls/key.pem",
+        ])
+        .unwrap();
+    assert_eq!(
+        identity.trim(),
+        "700 distcc-agent distcc-agent\n600 distcc-agent distcc-agent"
+    );
+    let fingerprint = w.exec_ok(&["distcc-agent", "--fingerprint"]).unwrap();
+    assert!(fingerprint.starts_with("SHA256:"), "{fingerprint}");
 
     // The operator sets the allowlist and reloads: distccd is bootstrapped.
     let config = w.exec_ok(&["cat", "/etc/distcc-agent/agent.toml"]).unwrap();
@@ -178,6 +201,12 @@ fn install_upgrade_during_a_build_remove_purge() {
 
     // The builder sees the worker ready.
     let token = w.exec_ok(&["cat", "/etc/distcc-agent/read.token"]).unwrap();
+    let (trusted, out) = builderctl(tmp.path(), w.ip(), token.trim(), &["trust", "--yes"]);
+    assert!(trusted, "{out}");
+    assert!(
+        out.contains(fingerprint.trim()),
+        "trust shows {fingerprint}: {out}"
+    );
     eventually("the builder sees the worker ready", || {
         builder_status(tmp.path(), w.ip(), token.trim()).0
     });
@@ -224,6 +253,11 @@ fn install_upgrade_during_a_build_remove_purge() {
             .1
             .contains(&format!("\"agent_version\": \"{NEW}\""))
     });
+    assert_eq!(
+        w.exec_ok(&["distcc-agent", "--fingerprint"]).unwrap(),
+        fingerprint,
+        "the upgrade kept the worker's certificate (the builder's pin still holds)"
+    );
     let config_after = w.exec_ok(&["cat", "/etc/distcc-agent/agent.toml"]).unwrap();
     assert_eq!(
         config_after, edited,

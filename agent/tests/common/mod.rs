@@ -15,7 +15,7 @@ use distcc_testbed::{
 };
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 pub const TOKEN: &str = TEST_TOKEN;
 
@@ -49,13 +49,25 @@ impl AgentWorker {
                 },
             )
             .expect("boot a worker running the agent");
-        let channel = Channel::from_shared(format!("http://{}:{AGENT_PORT}", container.ip()))
+        let channel = Self::connect(&container).await;
+        AgentWorker { container, channel }
+    }
+
+    /// TLS, as every client must: the agent serves its generated certificate by
+    /// default. Trusting that one certificate as the root also proves that it names the
+    /// worker's address (the client checks the address it dialled against its SANs).
+    pub async fn connect(container: &Container) -> Channel {
+        let cert = container
+            .agent_certificate()
+            .expect("the agent's certificate");
+        Channel::from_shared(format!("https://{}:{AGENT_PORT}", container.ip()))
             .unwrap()
             .connect_timeout(Duration::from_secs(5))
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(cert)))
+            .unwrap()
             .connect()
             .await
-            .expect("connect to the agent");
-        AgentWorker { container, channel }
+            .expect("connect to the agent over TLS")
     }
 
     pub fn client_with(&self, token: Option<&'static str>) -> Client {

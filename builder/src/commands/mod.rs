@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod hosts;
 pub mod monitor;
 pub mod status;
+pub mod trust;
 
 use std::path::Path;
 use std::process::ExitCode;

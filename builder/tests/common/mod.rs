@@ -41,16 +41,34 @@ impl Builder {
             dir.path().join("builder.toml"),
             format!(
                 "workers = [{}]\ntoken_file = \"{}\"\nadmin_token_file = \"{}\"\nworkspace = \"{}\"\ntmpfs_size = \"64M\"\n\
-                 deadline_ms = {}\noperation_deadline_ms = 30000\n",
+                 deadline_ms = {}\noperation_deadline_ms = 30000\nknown_workers = \"{}\"\n",
                 workers.join(", "),
                 dir.path().join("token").display(),
                 dir.path().join("admin-token").display(),
                 workspace.display(),
                 DEADLINE.as_millis(),
+                dir.path().join("known_workers").display(),
             ),
         )
         .unwrap();
         Builder { dir, workspace }
+    }
+
+    /// A builder for `workers` that trusts them: `builderctl trust --yes`, as an operator
+    /// runs it once (the agents serve TLS with their own certificates).
+    pub fn trusting(workers: &[String], workspace: Option<&Path>) -> Builder {
+        let builder = Builder::new(workers, workspace);
+        let out = builder.run(&["trust", "--yes"]);
+        assert!(
+            out.status.success(),
+            "builderctl trust --yes: {}",
+            text(&out)
+        );
+        builder
+    }
+
+    pub fn known_workers(&self) -> PathBuf {
+        self.dir.path().join("known_workers")
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
