@@ -323,6 +323,12 @@ pub struct CertificateCapture {
 #[error("certificate recorded; handshake ended before anything was sent")]
 pub struct Captured;
 
+impl Default for CertificateCapture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl CertificateCapture {
     pub fn new() -> Self {
         Self {
