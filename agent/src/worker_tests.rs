@@ -459,7 +459,7 @@ async fn a_failed_restart_rolls_back() {
         f.unit().calls(),
         [
             "confine",
-                        "start",
+            "start",
             "confine",
             "restart",
             "confine",
@@ -478,13 +478,7 @@ async fn reset_is_stop_reset_failed_start() {
     assert_eq!(steps.len(), 3);
     assert_eq!(
         f.unit().calls(),
-        [
-            "confine",
-                        "start",
-            "stop",
-            "reset-failed",
-            "start"
-        ]
+        ["confine", "start", "stop", "reset-failed", "start"]
     );
 }
 

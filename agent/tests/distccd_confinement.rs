@@ -9,6 +9,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -70,12 +72,7 @@ async fn boot_with(
     let worker = bed
         .boot_agent_worker("w1", &install, &config(bed, allow), customize)
         .expect("boot a worker running the agent");
-    let channel = Channel::from_shared(format!("http://{}:{AGENT_PORT}", worker.ip()))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connect to the agent");
+    let channel = common::AgentWorker::connect(&worker).await;
     let interceptor: AddToken = Box::new(|mut request: tonic::Request<()>| {
         let value: MetadataValue<_> = format!("Bearer {TEST_TOKEN}").parse().unwrap();
         request.metadata_mut().insert("authorization", value);

@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -475,16 +477,10 @@ fn the_agent_reads_distccd_log_lines_but_not_the_journal() {
 async fn bootstrap_checks_that_distccd_is_enabled_and_never_enables_it() {
     use distcc_proto::v1 as pb;
     use distcc_proto::v1::distcc_agent_client::DistccAgentClient;
-    use distcc_testbed::{AGENT_PORT, TEST_TOKEN};
+    use distcc_testbed::TEST_TOKEN;
 
     let (_bed, p) = boot();
-    let channel =
-        tonic::transport::Channel::from_shared(format!("http://{}:{AGENT_PORT}", p.worker.ip()))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect to the agent");
+    let channel = common::AgentWorker::connect(&p.worker).await;
     let mut client =
         DistccAgentClient::with_interceptor(channel, |mut request: tonic::Request<()>| {
             let value = format!("Bearer {TEST_TOKEN}").parse().unwrap();
