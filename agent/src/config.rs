@@ -11,8 +11,8 @@ use std::time::Duration;
 use distcc_config_file::ConfigFile;
 use serde::Deserialize;
 
-use crate::confinement::Limits;
 use crate::identity::IdentityFiles;
+use crate::limits::{Limits, RawLimits};
 use crate::settings::{AllowPolicy, Allowlist, DistccdSettings, bounded_setting};
 use crate::tokens::{MIN_TOKEN_LEN, Role, TokenEntry, TokenHash, Tokens, check_secret_file};
 
@@ -66,11 +66,13 @@ pub struct AgentConfig {
     /// a private /tmp, on the filesystem of the host's /tmp.
     pub distccd_tmpdir: PathBuf,
     pub policy: AllowPolicy,
-    /// distccd.service's `TasksMax=` and `MemoryMax=` (`[limits]`; defaults from the
+    /// distccd.service's `TasksMax=` and `MemoryMax=` (`[confinement]`; defaults from the
     /// machine's size).
-    pub limits: Limits,
+    pub confinement: crate::confinement::Limits,
     /// Settings distccd gets when the agent has none persisted yet.
     pub distccd: DistccdSettings,
+    /// Bounds on what clients may hold or cost (`[limits]`, see limits.rs).
+    pub limits: Limits,
 }
 
 /// How the gRPC API is served.
@@ -139,18 +141,18 @@ bounded_setting!(
 );
 
 bounded_setting!(
-    /// `[limits] tasks_max`: distccd.service's TasksMax=.
+    /// `[confinement] tasks_max`: distccd.service's TasksMax=.
     TasksMax(u32) in 32..=4194304
 );
 
 bounded_setting!(
-    /// `[limits] memory_max_mib`: distccd.service's MemoryMax=, in MiB.
+    /// `[confinement] memory_max_mib`: distccd.service's MemoryMax=, in MiB.
     MemoryMaxMib(u32) in 256..=16777216
 );
 
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawLimits {
+struct RawConfinement {
     tasks_max: Option<TasksMax>,
     memory_max_mib: Option<MemoryMaxMib>,
 }
@@ -191,9 +193,11 @@ struct RawConfig {
     #[serde(default)]
     policy: RawPolicy,
     #[serde(default)]
-    limits: RawLimits,
+    confinement: RawConfinement,
     #[serde(default)]
     distccd: DistccdSettings,
+    #[serde(default)]
+    limits: RawLimits,
 }
 
 #[derive(Deserialize)]
@@ -269,6 +273,9 @@ impl AgentConfig {
             ));
         }
 
+        let limits = Limits::from_raw(&raw.limits)
+            .map_err(|e| file.error(&format!("limits.{}", e.key), e.message))?;
+
         // The ceiling for allowlists set over RPC: explicit, or what the operator wrote in
         // [distccd] allow. Requests can narrow it, never widen it.
         let explicit_policy = raw.policy.allow_within.is_some();
@@ -296,12 +303,13 @@ impl AgentConfig {
         }
 
         let capacity = crate::capacity::Capacity::read(Path::new("/"));
-        let mut limits = Limits::for_machine(capacity.online_cpus, capacity.mem_total_bytes);
-        if let Some(tasks) = raw.limits.tasks_max {
-            limits.tasks_max = u64::from(tasks.get());
+        let mut confinement =
+            crate::confinement::Limits::for_machine(capacity.online_cpus, capacity.mem_total_bytes);
+        if let Some(tasks) = raw.confinement.tasks_max {
+            confinement.tasks_max = u64::from(tasks.get());
         }
-        if let Some(mib) = raw.limits.memory_max_mib {
-            limits.memory_max_bytes = u64::from(mib.get()) << 20;
+        if let Some(mib) = raw.confinement.memory_max_mib {
+            confinement.memory_max_bytes = u64::from(mib.get()) << 20;
         }
 
         if transport == (Transport::Plaintext { insecure: true }) {
@@ -328,8 +336,9 @@ impl AgentConfig {
                 .unwrap_or_else(|| PathBuf::from("/usr/lib/distcc")),
             distccd_tmpdir: raw.distccd_tmpdir.unwrap_or_else(|| PathBuf::from("/tmp")),
             policy,
-            limits,
+            confinement,
             distccd: raw.distccd,
+            limits,
         })
     }
 }
@@ -576,6 +585,33 @@ mod tests {
         write_private(&clear, "short\n");
         let (line, key, _) = invalid(f.parse(&body).unwrap_err());
         assert_eq!((line, key.as_str()), (2, "token_file"));
+    }
+
+    #[test]
+    fn limits_errors_name_line_and_key() {
+        let f = Fixture::new();
+        let cfg = f.parse("[limits]\nmax_connections = 100\n").unwrap();
+        assert_eq!(cfg.limits.max_connections, 100);
+        assert_eq!(f.parse("").unwrap().limits, Limits::default());
+        let (line, key, msg) = invalid(f.parse("[limits]\n\nmax_watch_streams = 0\n").unwrap_err());
+        assert_eq!(
+            (line, key.as_str()),
+            (4, "limits.max_watch_streams"),
+            "{msg}"
+        );
+        assert!(msg.contains("outside"), "{msg}");
+        let (line, key, _) = invalid(f.parse("[limits]\nmax_conns = 1\n").unwrap_err());
+        assert_eq!((line, key.as_str()), (3, "limits.max_conns"));
+        // A check across keys names the key it is about, on its line.
+        let (line, key, msg) = invalid(
+            f.parse("[limits]\nkeepalive_interval_secs = 50\nidle_timeout_secs = 40\n")
+                .unwrap_err(),
+        );
+        assert_eq!(
+            (line, key.as_str()),
+            (4, "limits.idle_timeout_secs"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -26,17 +26,17 @@ pub struct Confinement {
     pub memory_max_bytes: u64,
 }
 
-/// Bounds on distccd's processes and memory (`[limits]` in the agent config).
+/// Bounds on distccd's processes and memory (`[confinement]` in the agent config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub tasks_max: u64,
     pub memory_max_bytes: u64,
 }
 
-/// Lower bound of `[limits] tasks_max`: distccd's parent, its preforked children and one
+/// Lower bound of `[confinement] tasks_max`: distccd's parent, its preforked children and one
 /// compiler pipeline (gcc, cc1, as) need about a dozen.
 pub const MIN_TASKS_MAX: u64 = 32;
-/// Lower bound of `[limits] memory_max_mib`.
+/// Lower bound of `[confinement] memory_max_mib`.
 pub const MIN_MEMORY_MAX_MIB: u64 = 256;
 
 impl Limits {

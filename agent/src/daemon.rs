@@ -15,12 +15,15 @@ use futures_util::StreamExt;
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{AgentConfig, Transport};
+use crate::connections::BoundedIncoming;
 use crate::identity;
+use crate::limits::Limits;
 use crate::service::{AgentService, TokenAuth};
 use crate::systemd::SystemdUnit;
 use crate::unit_control::UnitControl;
@@ -93,25 +96,40 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         let worker = worker.clone();
         TokenAuth::new(move || worker.config().tokens.clone())
     };
-    let service = DistccAgentServer::with_interceptor(
-        AgentService::new(worker.clone(), shutdown_rx.clone()),
+    let limits = worker.config().limits.clone();
+    let service = InterceptedService::new(
+        DistccAgentServer::new(AgentService::new(worker.clone(), shutdown_rx.clone()))
+            .max_decoding_message_size(limits.max_request_bytes),
         move |r| auth.check(r),
     );
-    let mut builder = Server::builder();
+    let health_service = health_service.max_decoding_message_size(limits.max_request_bytes);
+    let mut builder = Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout));
     let tls_enabled = tls.is_some();
     if let Some(tls) = tls {
+        // tonic runs each handshake in a task of its own (a slow one does not hold up
+        // accepting others); the timeout bounds how long one may hold its slot.
+        let tls = tls.timeout(limits.tls_handshake_timeout);
         builder = builder.tls_config(tls).context("configuring TLS")?;
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    tracing::info!(%listen, tls = tls_enabled, "serving gRPC");
+    let max_connections = connection_cap(&limits);
+    tracing::info!(%listen, tls = tls_enabled, max_connections, "serving gRPC");
     // tonic applies its TCP_NODELAY default only to listeners it binds itself: without it
     // small responses wait on delayed ACKs (40 ms steps measured, docs/BENCHMARKS.md).
     // Keepalive finds builders that vanished while holding a status stream.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    let incoming = BoundedIncoming::new(
+        tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60))),
+        max_connections,
+        limits.idle_timeout,
+    );
     let mut server_shutdown = shutdown_rx.clone();
     let mut server = tokio::spawn(
         builder
@@ -227,6 +245,11 @@ async fn reload<U: UnitControl>(worker: &Worker<U>, path: &Path) {
             }
             if config.transport != worker.config().transport {
                 tracing::warn!("transport ([tls], plaintext) changed; it takes effect on restart");
+            }
+            if config.limits != worker.config().limits {
+                tracing::warn!(
+                    "[limits] changed; the WatchStatus interval range applies now, the rest on restart"
+                );
             }
             match worker.reload(config).await {
                 Ok(Some(outcome)) => {
@@ -345,4 +368,29 @@ fn server_tls(config: &AgentConfig) -> Result<Option<ServerTlsConfig>> {
         tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
     }
     Ok(Some(tls))
+}
+
+/// `limits.max_connections`, lowered to what the descriptor limit (`LimitNOFILE=`) leaves
+/// room for: past it `accept` fails, and the connections the agent needs itself too.
+fn connection_cap(limits: &Limits) -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, _)) => {
+            let cap = limits.connections_within(soft);
+            if cap < limits.max_connections {
+                tracing::warn!(
+                    nofile = soft,
+                    "limits.max_connections {} needs a descriptor limit of at least {}; \
+                     serving at most {cap} connections (raise LimitNOFILE=)",
+                    limits.max_connections,
+                    limits.max_connections as u64 + crate::limits::RESERVED_FDS
+                );
+            }
+            cap
+        }
+        Err(e) => {
+            tracing::warn!("cannot read RLIMIT_NOFILE ({e}); using limits.max_connections");
+            limits.max_connections
+        }
+    }
 }

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use distcc_proto::v1 as pb;
 use futures_util::Stream;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::status_share::{SharedStatus, status_lanes};
 use crate::tokens::{Role, TokenHash, TokenId, Tokens};
 use crate::unit_control::UnitControl;
 use crate::worker::{Worker, WorkerError, unit_to_proto};
@@ -18,11 +20,27 @@ pub struct AgentService<U: UnitControl> {
     worker: Arc<Worker<U>>,
     /// Flips to true on shutdown so long-lived streams end and the server can drain.
     shutdown: watch::Receiver<bool>,
+    /// One permit per open WatchStatus stream (`limits.max_watch_streams`).
+    watch_slots: Arc<Semaphore>,
+    /// One permit per status computation in flight (see status_share.rs).
+    status_lanes: Arc<Semaphore>,
+    /// What WatchStatus streams send: one computation shared by every stream due.
+    shared_status: Arc<SharedStatus<Result<pb::WorkerStatus, Status>>>,
 }
+
+/// WatchStatus streams ticking within this of one another send the same status.
+const SHARE_WINDOW: Duration = Duration::from_millis(500);
 
 impl<U: UnitControl> AgentService<U> {
     pub fn new(worker: Arc<Worker<U>>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { worker, shutdown }
+        let watch_slots = Arc::new(Semaphore::new(worker.config().limits.max_watch_streams));
+        Self {
+            worker,
+            shutdown,
+            watch_slots,
+            status_lanes: Arc::new(status_lanes()),
+            shared_status: Arc::default(),
+        }
     }
 }
 
@@ -179,6 +197,7 @@ impl<U: UnitControl> pb::distcc_agent_server::DistccAgent for AgentService<U> {
     ) -> Result<Response<pb::WorkerStatus>, Status> {
         require(&request, "Status", Role::Read)?;
         let refresh = !request.get_ref().skip_compilers;
+        let _lane = self.status_lanes.acquire().await;
         Ok(Response::new(self.worker.status(refresh).await?))
     }
 
@@ -189,20 +208,28 @@ impl<U: UnitControl> pb::distcc_agent_server::DistccAgent for AgentService<U> {
         request: Request<pb::WatchStatusRequest>,
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
         let caller = require(&request, "WatchStatus", Role::Read)?;
-        let interval = match request.get_ref().interval_ms {
-            0 => self.worker.config().status_interval,
-            ms if ms < 100 => {
-                return Err(Status::invalid_argument(
-                    "interval_ms: must be 0 or at least 100",
-                ));
-            }
-            ms => Duration::from_millis(u64::from(ms)),
-        };
+        let config = self.worker.config();
+        let interval = config
+            .limits
+            .watch_interval(request.get_ref().interval_ms, config.status_interval)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Held by the stream's task: released when the client goes away or the agent stops.
+        let slot = self.watch_slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} WatchStatus streams are open, the most this agent serves \
+                 (limits.max_watch_streams); use Status or retry later",
+                config.limits.max_watch_streams
+            ))
+        })?;
         let worker = self.worker.clone();
+        let (lanes, shared) = (self.status_lanes.clone(), self.shared_status.clone());
         let mut shutdown = self.shutdown.clone();
         let mut state = worker.subscribe_state();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
+            let _slot = slot;
+            // After a state change only a status computed since will do.
+            let mut not_before = Instant::now().checked_sub(SHARE_WINDOW);
             loop {
                 // A token revoked by `systemctl reload` ends its streams within an interval.
                 if !worker
@@ -221,13 +248,27 @@ impl<U: UnitControl> pb::distcc_agent_server::DistccAgent for AgentService<U> {
                 }
                 // Compilers run only when their binary changed (cached per binary), so a
                 // replaced compiler shows up in the stream with its new fingerprint.
-                let status = worker.status(true).await.map_err(Status::from);
+                let compute = async {
+                    let _lane = lanes.acquire().await;
+                    worker.status(true).await.map_err(Status::from)
+                };
+                let status = match not_before {
+                    Some(not_before) => shared.get(not_before, compute).await,
+                    None => compute.await,
+                };
                 if tx.send(status).await.is_err() {
                     return; // the client went away
                 }
                 tokio::select! {
-                    changed = state.changed() => if changed.is_err() { return },
-                    () = tokio::time::sleep(interval) => {}
+                    changed = state.changed() => {
+                        if changed.is_err() { return }
+                        not_before = Some(Instant::now());
+                    }
+                    () = tokio::time::sleep(interval) => {
+                        not_before = Instant::now().checked_sub(SHARE_WINDOW);
+                    }
+                    // Frees the slot as soon as the client goes, not at the next send.
+                    () = tx.closed() => return,
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
             }

@@ -261,12 +261,12 @@ impl<U: UnitControl> Worker<U> {
 
     /// The kernel filter and bounds distccd.service gets with `settings`.
     fn confinement_for(&self, settings: &DistccdSettings) -> Confinement {
-        Confinement::new(settings, self.config().limits)
+        Confinement::new(settings, self.config().confinement)
     }
 
     /// On every agent start: set the unit's filter and bounds from the settings in
     /// effect. systemd keeps them across reboots already; this repairs a drop-in deleted
-    /// or edited by hand and applies changed `[limits]`. No restart.
+    /// or edited by hand and applies changed `[confinement]`. No restart.
     pub async fn enforce_confinement(&self) -> Result<(), WorkerError> {
         let _guard = self.ops.lock().await;
         let settings = self.current_settings()?;

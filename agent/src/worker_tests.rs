@@ -241,8 +241,9 @@ impl Fixture {
                 permit_public: false,
                 max_allow_entries: AllowPolicy::DEFAULT_MAX_ALLOW_ENTRIES,
             },
-            limits: LIMITS,
+            confinement: LIMITS,
             distccd,
+            limits: crate::limits::Limits::default(),
         };
         let unit = FakeDistccd {
             env_file: config.state_dir.join(crate::settings_store::ENV_FILE),

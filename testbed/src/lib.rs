@@ -29,6 +29,7 @@
 mod agent;
 mod cmd;
 mod cpu;
+mod flood;
 mod kernel;
 mod packages;
 mod pki;
@@ -43,6 +44,7 @@ pub use agent::{
     test_tokens_file, tokens_file, write_secret,
 };
 pub use cpu::CpuQuota;
+pub use flood::{IdleConnections, process_cpu};
 pub use kernel::{KERNEL_TARBALL, REPRODUCIBLE_BUILD_ENV, kernel_source};
 pub use packages::{REPO_IN_WORKER, build_repository};
 pub use pki::{CertifiedKey, TestPki};
