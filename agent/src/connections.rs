@@ -22,10 +22,49 @@ use std::time::Duration;
 use futures_util::Stream;
 use nix::errno::Errno;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::{Server, ServerTlsConfig};
+
+use crate::limits::Limits;
+
+/// tonic's server with the `[limits]` that HTTP/2 and tonic enforce: streams per
+/// connection, request time, keepalive pings, and with TLS the handshake time. tonic
+/// 0.14 runs each TLS handshake in a task of its own (a JoinSet in its accept stream), so
+/// a slow handshake does not hold up accepting others; the timeout bounds how long one
+/// may hold its connection slot.
+pub fn bounded_server(
+    limits: &Limits,
+    tls: Option<ServerTlsConfig>,
+) -> Result<Server, tonic::transport::Error> {
+    let server = Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout));
+    match tls {
+        Some(tls) => server.tls_config(tls.timeout(limits.tls_handshake_timeout)),
+        None => Ok(server),
+    }
+}
+
+/// `listener` as the stream to hand to tonic's `serve_with_incoming_shutdown`, with at
+/// most `max_connections` connections and `limits.idle_timeout`.
+pub fn bounded_incoming(
+    listener: TcpListener,
+    limits: &Limits,
+    max_connections: usize,
+) -> BoundedIncoming<TcpIncoming> {
+    // tonic applies its TCP_NODELAY default only to listeners it binds itself: without it
+    // small responses wait on delayed ACKs (40 ms steps measured, docs/BENCHMARKS.md).
+    // TCP keepalive finds builders that vanished while holding a status stream.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+    BoundedIncoming::new(incoming, max_connections, limits.idle_timeout)
+}
 
 /// How long accepting pauses after the process ran out of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -313,7 +352,6 @@ mod tests {
     use super::*;
     use futures_util::StreamExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
     #[test]
     fn descriptor_exhaustion_backs_off_other_errors_retry() {

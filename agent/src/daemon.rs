@@ -16,12 +16,12 @@ use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{AgentConfig, Transport};
-use crate::connections::BoundedIncoming;
+use crate::connections::{bounded_incoming, bounded_server};
 use crate::identity;
 use crate::limits::Limits;
 use crate::service::{AgentService, TokenAuth};
@@ -103,33 +103,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         move |r| auth.check(r),
     );
     let health_service = health_service.max_decoding_message_size(limits.max_request_bytes);
-    let mut builder = Server::builder()
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .timeout(limits.request_timeout)
-        .http2_keepalive_interval(Some(limits.keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout));
     let tls_enabled = tls.is_some();
-    if let Some(tls) = tls {
-        // tonic runs each handshake in a task of its own (a slow one does not hold up
-        // accepting others); the timeout bounds how long one may hold its slot.
-        let tls = tls.timeout(limits.tls_handshake_timeout);
-        builder = builder.tls_config(tls).context("configuring TLS")?;
-    }
+    let mut builder = bounded_server(&limits, tls).context("configuring TLS")?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
     let max_connections = connection_cap(&limits);
     tracing::info!(%listen, tls = tls_enabled, max_connections, "serving gRPC");
-    // tonic applies its TCP_NODELAY default only to listeners it binds itself: without it
-    // small responses wait on delayed ACKs (40 ms steps measured, docs/BENCHMARKS.md).
-    // Keepalive finds builders that vanished while holding a status stream.
-    let incoming = BoundedIncoming::new(
-        tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60))),
-        max_connections,
-        limits.idle_timeout,
-    );
+    let incoming = bounded_incoming(listener, &limits, max_connections);
     let mut server_shutdown = shutdown_rx.clone();
     let mut server = tokio::spawn(
         builder

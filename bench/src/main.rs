@@ -36,6 +36,8 @@ pub enum Case {
     Builds,
     /// 6: the same builds with icecream as the peer.
     Icecream,
+    /// 7: Status latency and agent CPU under a connection flood, against idle.
+    Flood,
 }
 
 impl Case {
@@ -47,7 +49,8 @@ impl Case {
             4 => Case::Footprint,
             5 => Case::Builds,
             6 => Case::Icecream,
-            _ => bail!("no case {n}: cases are 1-6"),
+            7 => Case::Flood,
+            _ => bail!("no case {n}: cases are 1-7"),
         })
     }
 
@@ -59,6 +62,7 @@ impl Case {
             Case::Footprint => 4,
             Case::Builds => 5,
             Case::Icecream => 6,
+            Case::Flood => 7,
         }
     }
 }
@@ -67,9 +71,9 @@ impl Case {
 #[command(about = "The distcc cluster benchmark suite (issue 5). Needs root; use bench/run.")]
 pub struct Args {
     /// Cases to run, comma-separated: 1 fleet vs Ansible, 2 fan-out, 3 enter, 4 agent
-    /// footprint (about 12 minutes together); 5 kernel builds vs raw distcc, 6 vs
-    /// icecream (about 75 minutes together).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    /// footprint, 7 Status under a connection flood (about 14 minutes together); 5 kernel
+    /// builds vs raw distcc, 6 vs icecream (about 75 minutes together).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,7")]
     pub cases: Vec<u32>,
     /// Paired repeats of every build of cases 5 and 6.
     #[arg(long, default_value_t = 3)]
@@ -263,7 +267,13 @@ fn main() -> Result<()> {
 
     // Quietest first: the idle footprint before anything else has run, the fan-out with
     // its 27 extra containers last.
-    let order = [Case::Footprint, Case::Enter, Case::Fleet, Case::Fanout];
+    let order = [
+        Case::Footprint,
+        Case::Enter,
+        Case::Fleet,
+        Case::Flood,
+        Case::Fanout,
+    ];
     for case in order.into_iter().filter(|c| cases.contains(c)) {
         tracing::info!(case = case.number(), "running");
         let section = match case {
@@ -271,6 +281,7 @@ fn main() -> Result<()> {
             Case::Enter => cases::enter(&bench),
             Case::Fleet => cases::fleet(&bench),
             Case::Fanout => cases::fanout(&mut bench),
+            Case::Flood => cases::flood(&bench),
             Case::Builds | Case::Icecream => unreachable!("run below"),
         }
         .with_context(|| format!("case {}", case.number()))?;
