@@ -91,7 +91,8 @@ const DEFAULT_KEEPALIVE_TIMEOUT_SECS: u32 = 10;
 const DEFAULT_WATCH_STREAMS: u32 = 256;
 // builderctl enter watches every 1 s; each update costs a Status (about 1 ms of CPU).
 const DEFAULT_WATCH_INTERVAL_MIN_MS: u32 = 1000;
-const DEFAULT_WATCH_INTERVAL_MAX_MS: u32 = 300_000;
+// A stream that waits for changes only asks for a long interval (tests use 10 minutes).
+const DEFAULT_WATCH_INTERVAL_MAX_MS: u32 = 3_600_000;
 // The largest legitimate request is a Configure with a long allowlist: a few KiB.
 const DEFAULT_REQUEST_BYTES: u32 = 65_536;
 
@@ -260,7 +261,7 @@ mod tests {
         assert_eq!(limits.keepalive_timeout, Duration::from_secs(10));
         assert_eq!(limits.max_watch_streams, 256);
         assert_eq!(limits.watch_interval_min, Duration::from_millis(1000));
-        assert_eq!(limits.watch_interval_max, Duration::from_secs(300));
+        assert_eq!(limits.watch_interval_max, Duration::from_secs(3600));
         assert_eq!(limits.max_request_bytes, 65536);
         assert_eq!(parse("").unwrap(), limits);
     }
@@ -332,17 +333,17 @@ mod tests {
             Ok(Duration::from_secs(1))
         );
         assert_eq!(
-            limits.watch_interval(300_000, default),
-            Ok(Duration::from_secs(300))
+            limits.watch_interval(3_600_000, default),
+            Ok(Duration::from_secs(3600))
         );
-        for refused in [1, 999, 300_001, u32::MAX] {
+        for refused in [1, 999, 3_600_001, u32::MAX] {
             let err = limits.watch_interval(refused, default).unwrap_err();
             assert!(err.to_string().starts_with("interval_ms: "), "{err}");
         }
         // The configured default is kept inside the range too.
         assert_eq!(
-            limits.watch_interval(0, Duration::from_secs(3600)),
-            Ok(Duration::from_secs(300))
+            limits.watch_interval(0, Duration::from_millis(500)),
+            Ok(Duration::from_secs(1))
         );
     }
 

@@ -18,8 +18,8 @@ use distcc_builder::cluster;
 use distcc_builder::config::AgentAccess;
 use distcc_proto::v1 as pb;
 use distcc_testbed::{
-    AGENT_PORT, AgentInstall, IdleConnections, Rootfs, TEST_TOKEN, Testbed, agent_config,
-    process_cpu,
+    AGENT_PORT, AgentInstall, IdleConnections, Rootfs, TEST_READ_TOKEN, TEST_TOKEN, Testbed,
+    agent_config, process_cpu,
 };
 use futures_util::StreamExt;
 use tonic::Code;
@@ -30,9 +30,11 @@ const WATCH_STREAMS: usize = 200;
 /// checks under flood to run first.
 const IDLE_TIMEOUT_SECS: u64 = 20;
 
+/// A builder that only builds: the read role.
 fn access() -> AgentAccess {
     AgentAccess {
-        token: TEST_TOKEN.to_owned(),
+        token: TEST_READ_TOKEN.to_owned(),
+        admin_token: None,
         tls: None,
     }
 }
@@ -119,9 +121,14 @@ async fn a_connection_flood_does_not_take_the_worker_out() {
         }),
         ..Default::default()
     };
-    let err = client.configure(huge).await.unwrap_err();
+    let admin = AgentAccess {
+        token: TEST_TOKEN.to_owned(),
+        ..access()
+    };
+    let mut admin = cluster::connect(&endpoint, &admin, DEADLINE).await.unwrap();
+    let err = admin.configure(huge).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
-    drop(client);
+    drop((client, admin));
 
     // The flood: idle sockets that never speak, then live streams up to the cap.
     let flood_started = Instant::now();
