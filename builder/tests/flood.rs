@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{Builder, DEADLINE, by_endpoint, eventually, json, repo_root, text};
 use distcc_builder::cluster;
-use distcc_builder::config::AgentAccess;
+use distcc_builder::config::{AgentAccess, TlsSettings, Transport, Trust};
 use distcc_proto::v1 as pb;
 use distcc_testbed::{
     AGENT_PORT, AgentInstall, IdleConnections, Rootfs, TEST_READ_TOKEN, TEST_TOKEN, Testbed,
@@ -30,18 +30,26 @@ const WATCH_STREAMS: usize = 200;
 /// checks under flood to run first.
 const IDLE_TIMEOUT_SECS: u64 = 20;
 
-/// A builder that only builds: the read role.
-fn access() -> AgentAccess {
+/// A builder that only builds: the read role, over TLS to the pinned certificate (the
+/// `known_workers` that `builderctl trust` wrote).
+fn access(known_workers: &std::path::Path) -> AgentAccess {
     AgentAccess {
         token: TEST_READ_TOKEN.to_owned(),
         admin_token: None,
-        tls: None,
+        transport: Transport::Tls(TlsSettings {
+            trust: Trust::Pinned(known_workers.to_owned()),
+            identity: None,
+            domain: None,
+        }),
     }
 }
 
 /// A WatchStatus stream that has delivered its first status; a task drains it.
-async fn open_watch(endpoint: &str) -> Result<tokio::task::JoinHandle<usize>, tonic::Status> {
-    let mut client = cluster::connect(endpoint, &access(), Duration::from_secs(5))
+async fn open_watch(
+    endpoint: &str,
+    access: &AgentAccess,
+) -> Result<tokio::task::JoinHandle<usize>, tonic::Status> {
+    let mut client = cluster::connect(endpoint, access, Duration::from_secs(5))
         .await
         .map_err(tonic::Status::unavailable)?;
     let mut stream = client
@@ -87,7 +95,8 @@ async fn a_connection_flood_does_not_take_the_worker_out() {
         .expect("boot a worker running the agent");
     let endpoint = format!("{}:{AGENT_PORT}", worker.ip());
     let addr: SocketAddr = endpoint.parse().unwrap();
-    let builder = Builder::new(std::slice::from_ref(&endpoint), None);
+    let builder = Builder::trusting(std::slice::from_ref(&endpoint), None);
+    let access = access(&builder.known_workers());
     let agent_pid = *worker
         .host_pids_of("distcc-agent")
         .unwrap()
@@ -97,14 +106,14 @@ async fn a_connection_flood_does_not_take_the_worker_out() {
     // Before: answers and is in the host list.
     // The first calls after boot wait for the compilers to be described: warm up first.
     let warm_until = Instant::now() + Duration::from_secs(60);
-    while let Err(e) = cluster::fetch_status(&endpoint, &access(), DEADLINE).await {
+    while let Err(e) = cluster::fetch_status(&endpoint, &access, DEADLINE).await {
         assert!(Instant::now() < warm_until, "Status before the flood: {e}");
     }
     assert_in_host_list(&builder, &endpoint, "before the flood");
 
     // Bad WatchStatus intervals are refused naming the field; an oversized request is
     // refused before it is decoded (limits.max_request_bytes, 64 KiB).
-    let mut client = cluster::connect(&endpoint, &access(), DEADLINE)
+    let mut client = cluster::connect(&endpoint, &access, DEADLINE)
         .await
         .unwrap();
     for interval_ms in [50, 3_600_001] {
@@ -125,7 +134,7 @@ async fn a_connection_flood_does_not_take_the_worker_out() {
     };
     let admin = AgentAccess {
         token: TEST_TOKEN.to_owned(),
-        ..access()
+        ..access.clone()
     };
     let mut admin = cluster::connect(&endpoint, &admin, DEADLINE).await.unwrap();
     let err = admin.configure(huge).await.unwrap_err();
@@ -138,13 +147,13 @@ async fn a_connection_flood_does_not_take_the_worker_out() {
     let idle = IdleConnections::open(addr, IDLE_CONNECTIONS).expect("open idle connections");
     let mut watchers = Vec::new();
     for i in 0..WATCH_STREAMS {
-        let watcher = open_watch(&endpoint)
+        let watcher = open_watch(&endpoint, &access)
             .await
             .unwrap_or_else(|e| panic!("WatchStatus {i} under the flood: {e}"));
         watchers.push(watcher);
     }
     // One stream past the cap: refused with RESOURCE_EXHAUSTED naming the limit.
-    let refused = open_watch(&endpoint).await.unwrap_err();
+    let refused = open_watch(&endpoint, &access).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
         refused.message().contains("limits.max_watch_streams"),
@@ -154,7 +163,7 @@ async fn a_connection_flood_does_not_take_the_worker_out() {
 
     // A fresh builder client, the builder's way, deadline 1 s: answers within it.
     let started = Instant::now();
-    let status = cluster::fetch_status(&endpoint, &access(), DEADLINE)
+    let status = cluster::fetch_status(&endpoint, &access, DEADLINE)
         .await
         .expect("Status within its deadline under the flood");
     let status_latency = started.elapsed();
@@ -204,7 +213,7 @@ async fn a_connection_flood_does_not_take_the_worker_out() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut reopened = Vec::new();
     while reopened.len() < WATCH_STREAMS {
-        match open_watch(&endpoint).await {
+        match open_watch(&endpoint, &access).await {
             Ok(w) => reopened.push(w),
             Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -218,7 +227,7 @@ async fn a_connection_flood_does_not_take_the_worker_out() {
     for w in &reopened {
         w.abort();
     }
-    cluster::fetch_status(&endpoint, &access(), DEADLINE)
+    cluster::fetch_status(&endpoint, &access, DEADLINE)
         .await
         .expect("Status after the flood");
     assert_in_host_list(&builder, &endpoint, "after the flood");
