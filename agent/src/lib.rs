@@ -9,6 +9,7 @@ pub mod confinement;
 pub mod connections;
 pub mod daemon;
 pub mod distccd_log;
+pub mod fuzzing;
 pub mod identity;
 pub mod limits;
 pub mod listening;

@@ -410,7 +410,11 @@ impl AllowPolicy {
 }
 
 fn check_not_public(net: &IpNet, permit_public: bool, field: &str) -> Result<(), InvalidSetting> {
-    if net.prefix_len() == 0 {
+    // A dual-stack socket shows IPv4 clients as `::ffff:a.b.c.d`: an IPv6 network holding
+    // all of ::ffff:0:0/96 (`::/80`, `::/1`...) admits every IPv4 address (found by the
+    // allow_policy fuzz target).
+    let all_ipv4_mapped: IpNet = "::ffff:0:0/96".parse().expect("constant network parses");
+    if net.prefix_len() == 0 || net.contains(&all_ipv4_mapped) {
         return Err(InvalidSetting::new(
             field,
             format!("{net} admits the whole internet; distccd would run compilers for anyone"),
@@ -611,6 +615,26 @@ mod tests {
             ..valid()
         };
         assert_eq!(s.validate(&policy).unwrap_err().field, "allow[0]");
+    }
+
+    #[test]
+    fn every_ipv4_address_as_mapped_ipv6_is_the_whole_internet_too() {
+        for wide in ["::ffff:0:0/96", "::/80", "::/1"] {
+            let policy = AllowPolicy {
+                allow_within: nets(&[wide]),
+                permit_public: true,
+                ..policy()
+            };
+            let err = policy.validate("policy.allow_within").unwrap_err();
+            assert!(err.message.contains("whole internet"), "{wide}: {err}");
+        }
+        // A mapped subnet is one IPv4 range like any other (public: needs permission).
+        let mapped = AllowPolicy {
+            allow_within: nets(&["::ffff:203.0.113.0/120"]),
+            permit_public: true,
+            ..policy()
+        };
+        mapped.validate("policy.allow_within").unwrap();
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::host_list::{
     HostList, LocalCompiler, Policy, WorkerInput, WorkerVerdict, endpoint_host,
 };
 use crate::trust::{CertificateCapture, KnownWorkers};
+use crate::untrusted::{self, printable};
 
 /// One worker as the builder sees it. Serialised as the stable JSON of `status --json`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -43,19 +44,24 @@ pub struct WorkerView {
 }
 
 /// Slots to use on a worker: distccd's own limit when known, else its job setting, else
-/// distccd's default (CPUs + 2).
+/// distccd's default (CPUs + 2). The worker's numbers saturate (a `max_kids` above
+/// `u32::MAX` is `u32::MAX`, not its low bits); the host list caps the result.
 pub fn slots_of(status: &pb::WorkerStatus) -> u32 {
     let stats_kids = status
         .stats
         .as_ref()
         .filter(|s| s.available)
-        .map_or(0, |s| s.max_kids as u32);
+        .map_or(0, |s| saturating_u32(s.max_kids));
     let jobs = status.settings.as_ref().map_or(0, |s| s.jobs);
     let cpus = status.capacity.as_ref().map_or(0, |c| c.online_cpus);
-    [stats_kids, jobs, cpus + 2]
+    [stats_kids, jobs, cpus.saturating_add(2)]
         .into_iter()
         .find(|n| *n > 0)
         .unwrap_or(0)
+}
+
+fn saturating_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// A worker's status and how this builder reaches it, gathered within a deadline.
@@ -134,7 +140,7 @@ pub fn view(probe: &Probe, verdict: Option<&WorkerVerdict>) -> WorkerView {
         hostname: Some(status.hostname.clone()),
         agent_version: Some(status.agent_version.clone()),
         jobs_running: stats.available.then_some(stats.jobs_running),
-        max_slots: stats.available.then_some(stats.max_kids as u32),
+        max_slots: stats.available.then_some(saturating_u32(stats.max_kids)),
         load1: status.capacity.as_ref().map(|c| c.load1),
         compile_ok: stats.available.then_some(stats.compile_ok),
         compile_error: stats.available.then_some(stats.compile_error),
@@ -250,9 +256,9 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// A gRPC status as one line.
+/// A gRPC status as one line; the message is the agent's, so it is made printable.
 pub fn status_text(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    format!("{:?}: {}", status.code(), printable(status.message()))
 }
 
 /// Run `call` against one agent within `deadline`, connection included; connecting alone
@@ -296,7 +302,7 @@ pub async fn fetch_status(
                     skip_compilers: false,
                 })
                 .await
-                .map(tonic::Response::into_inner)
+                .map(|response| untrusted::cleaned(response.into_inner()))
                 .map_err(|s| status_text(&s))
         },
     )
@@ -377,6 +383,15 @@ mod tests {
         assert_eq!(slots_of(&status("active", 6, 4, 2)), 6);
         assert_eq!(slots_of(&status("active", 0, 4, 2)), 4);
         assert_eq!(slots_of(&status("active", 0, 0, 2)), 4);
+    }
+
+    #[test]
+    fn slots_saturate_instead_of_wrapping() {
+        // 2^32 + 3 kids is not 3 slots, u32::MAX CPUs + 2 does not overflow.
+        assert_eq!(slots_of(&status("active", (1 << 32) + 3, 4, 2)), u32::MAX);
+        assert_eq!(slots_of(&status("active", 0, 0, u32::MAX)), u32::MAX);
+        let probe = probe_of(Ok(status("active", u64::MAX, 0, 2)));
+        assert_eq!(view(&probe, None).max_slots, Some(u32::MAX));
     }
 
     fn probe_of(status: Result<pb::WorkerStatus, String>) -> Probe {

@@ -150,6 +150,15 @@ struct RawConfig {
 impl BuilderConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let file = ConfigFile::read(path)?;
+        Self::parse(&file, |file| std::fs::read(file))
+    }
+
+    /// Validate `file`. `read_file` reads the files it names (the token, the PEM files), so
+    /// the parser runs in tests and under fuzzing without them.
+    pub fn parse(
+        file: &ConfigFile,
+        read_file: impl Fn(&Path) -> std::io::Result<Vec<u8>>,
+    ) -> Result<Self, ConfigError> {
         let invalid =
             |offset: usize, key: &str, message: String| file.error_at(offset, key, message);
         let raw: RawConfig = file.parse()?;
@@ -203,7 +212,7 @@ impl BuilderConfig {
             }),
             (Some(tls), false) => {
                 let read = |file: &Spanned<PathBuf>, key: &str| {
-                    std::fs::read(file.get_ref()).map_err(|e| {
+                    read_file(file.get_ref()).map_err(|e| {
                         invalid(
                             file.span().start,
                             key,

@@ -14,9 +14,19 @@ use serde::Serialize;
 
 use crate::cluster::slots_of;
 use crate::pace::{median, slow_share};
+use crate::untrusted::printable;
 
 /// distccd's port when a worker does not say (it always does; old agents might not).
 const DEFAULT_DISTCCD_PORT: u16 = 3632;
+
+/// The most slots one worker gets, whatever it claims: the agent's own ceiling on
+/// distccd's `--jobs`. `make -j` is the sum over the workers, so a worker announcing
+/// billions of slots must not make the builder fork that many compiles.
+pub const MAX_WORKER_SLOTS: u32 = 1024;
+
+/// Longest excluded reason written into the hosts file (a worker's allowlist or compiler
+/// strings can be long); the full reason is in `builderctl hosts`.
+const MAX_REASON_CHARS: usize = 300;
 
 /// A compiler on the builder, described the way the agent describes a worker's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -135,12 +145,13 @@ impl HostList {
     /// Remote slots only: what `make -j` should use (local compiles are preprocessing's
     /// competition, not extra capacity).
     pub fn remote_slots(&self) -> u32 {
-        self.included().map(|e| e.slots).sum()
+        self.included()
+            .fold(0, |sum: u32, e| sum.saturating_add(e.slots))
     }
 
     /// All slots, `localhost` included.
     pub fn total_slots(&self) -> u32 {
-        self.remote_slots() + self.local_slots
+        self.remote_slots().saturating_add(self.local_slots)
     }
 
     pub fn verdict(&self, endpoint: &str) -> Option<&WorkerVerdict> {
@@ -156,8 +167,8 @@ impl HostList {
             if let Some(reason) = &w.excluded_reason {
                 text.push_str(&format!(
                     "# excluded {}: {}\n",
-                    w.endpoint,
-                    one_line(reason)
+                    printable(&w.endpoint),
+                    bounded(&printable(reason), MAX_REASON_CHARS)
                 ));
             }
         }
@@ -178,14 +189,14 @@ impl HostList {
                 (Some(entry), _) => {
                     text.push_str(&format!("{:<28} # {}\n", entry.render(), w.endpoint));
                     for warning in &w.warnings {
-                        text.push_str(&format!("{:<28} #   warning: {warning}\n", ""));
+                        text.push_str(&format!("{:<28} #   warning: {}\n", "", printable(warning)));
                     }
                 }
                 (None, reason) => text.push_str(&format!(
                     "{:<28} # {} excluded: {}\n",
                     "-",
                     w.endpoint,
-                    reason.as_deref().unwrap_or("unknown")
+                    printable(reason.as_deref().unwrap_or("unknown"))
                 )),
             }
         }
@@ -200,8 +211,12 @@ impl HostList {
     }
 }
 
-fn one_line(text: &str) -> String {
-    text.replace(['\n', '\r'], " ")
+/// At most `max` characters of `text`, with an ellipsis when cut.
+fn bounded(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+    }
 }
 
 /// The host part of `host:port` (brackets of an IPv6 literal removed).
@@ -244,6 +259,12 @@ fn decide(
     }
     let settings = status.settings.clone().unwrap_or_default();
     let host = distcc_host(input.endpoint, &settings.listen)?;
+    let port = match settings.port {
+        0 => DEFAULT_DISTCCD_PORT,
+        port => u16::try_from(port)
+            .ok()
+            .ok_or_else(|| format!("reports distccd port {port}, which is not a TCP port"))?,
+    };
     let builder_addr = input
         .builder_addr
         .ok_or_else(|| format!("no route from this builder to {host}"))?;
@@ -270,6 +291,14 @@ fn decide(
     if slots == 0 {
         return Err("no slots: distccd reports no capacity".to_owned());
     }
+    let slots = if slots > MAX_WORKER_SLOTS {
+        warnings.push(format!(
+            "reports {slots} slots; using at most {MAX_WORKER_SLOTS}"
+        ));
+        MAX_WORKER_SLOTS
+    } else {
+        slots
+    };
     let running = status
         .stats
         .as_ref()
@@ -310,10 +339,7 @@ fn decide(
     Ok((
         HostEntry {
             host,
-            port: u16::try_from(settings.port)
-                .ok()
-                .filter(|p| *p != 0)
-                .unwrap_or(DEFAULT_DISTCCD_PORT),
+            port,
             slots,
             lzo,
         },
@@ -341,17 +367,45 @@ fn or_unknown(s: &str) -> &str {
     if s.is_empty() { "unknown" } else { s }
 }
 
-/// Where distcc connects: the agent's host, unless distccd binds one address only.
+/// Where distcc connects: always the host of the configured endpoint, never an address
+/// the worker names. The worker's listen address only decides whether distccd can be
+/// reached there: all addresses (empty: an old agent, distccd's default), or exactly the
+/// endpoint's. Any other address is a worker steering this builder's sources elsewhere
+/// (or a misconfiguration that would refuse every compile), so the worker is excluded.
 fn distcc_host(endpoint: &str, listen: &str) -> Result<String, String> {
     let agent_host = endpoint_host(endpoint);
-    match listen.parse::<IpAddr>() {
-        Err(_) => Ok(agent_host.to_owned()), // empty: distccd's default, all addresses
-        Ok(ip) if ip.is_unspecified() => Ok(agent_host.to_owned()),
-        Ok(ip) if ip.is_loopback() && !is_loopback_host(agent_host) => Err(format!(
-            "distccd listens on {ip} only, which this builder cannot reach"
-        )),
-        Ok(ip) => Ok(ip.to_string()),
+    if listen.is_empty() {
+        return Ok(agent_host.to_owned());
     }
+    let Ok(ip) = listen.parse::<IpAddr>() else {
+        return Err(format!(
+            "reports distccd listen address {:?}, which is not an IP address",
+            bounded(listen, 64)
+        ));
+    };
+    let endpoint_ip = agent_host.parse::<IpAddr>().ok();
+    if ip.is_unspecified()
+        || endpoint_ip == Some(ip)
+        || (ip.is_loopback() && agent_host == "localhost")
+    {
+        return Ok(agent_host.to_owned());
+    }
+    if ip.is_loopback() && !is_loopback_host(agent_host) {
+        return Err(format!(
+            "distccd listens on {ip} only, which this builder cannot reach"
+        ));
+    }
+    Err(match endpoint_ip {
+        Some(_) => format!(
+            "distccd listens on {ip}, not on {agent_host} (the configured endpoint): not used, \
+             a worker cannot redirect compiles to another address"
+        ),
+        None => format!(
+            "distccd listens on {ip} only, and the endpoint is the name {agent_host}: not used, \
+             the builder cannot tell that address is this worker's (configure the worker by \
+             address, or let distccd listen on 0.0.0.0)"
+        ),
+    })
 }
 
 fn is_loopback_host(host: &str) -> bool {
@@ -721,6 +775,140 @@ mod tests {
             &policy(),
         );
         assert!(reason(&list, "198.18.3.11:3634").contains("listens on 127.0.0.1 only"));
+    }
+
+    #[test]
+    fn a_worker_cannot_redirect_compiles_to_another_address() {
+        let listening = |listen: &str| {
+            let mut status = healthy(3);
+            status.settings.as_mut().unwrap().listen = listen.into();
+            status
+        };
+        let (elsewhere, own, garbage, any6, by_name) = (
+            listening("203.0.113.9"),
+            listening("198.18.3.13"),
+            listening("198.18.3.12\n203.0.113.9:3632/64"),
+            listening("::"),
+            listening("198.18.3.11"),
+        );
+        let list = HostList::compute(
+            &[
+                input("198.18.3.11:3634", &elsewhere),
+                input("w1.example:3634", &by_name),
+                input("198.18.3.12:3634", &garbage),
+                input("198.18.3.13:3634", &own),
+                input("198.18.3.14:3634", &any6),
+            ],
+            &local(),
+            &policy(),
+        );
+        let r = reason(&list, "198.18.3.11:3634");
+        assert!(
+            r.contains("listens on 203.0.113.9, not on 198.18.3.11"),
+            "{r}"
+        );
+        // By name, a specific address cannot be checked: excluded, and says how to fix.
+        let r = reason(&list, "w1.example:3634");
+        assert!(r.contains("endpoint is the name w1.example"), "{r}");
+        let r = reason(&list, "198.18.3.12:3634");
+        assert!(r.contains("not an IP address"), "{r}");
+        // The worker's own address, or all addresses: used, under the configured host.
+        let text = list.render();
+        assert_eq!(
+            text.lines().last().unwrap(),
+            "198.18.3.13:3632/3,lzo 198.18.3.14:3632/3,lzo localhost/2"
+        );
+        // The address the worker named appears in comments only.
+        assert_eq!(
+            text.lines().filter(|l| !l.starts_with('#')).count(),
+            1,
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_port_that_is_no_tcp_port_excludes_the_worker() {
+        let mut status = healthy(3);
+        status.settings.as_mut().unwrap().port = 65536 + 22;
+        let list = HostList::compute(&[input("w:3634", &status)], &local(), &policy());
+        assert!(reason(&list, "w:3634").contains("port 65558, which is not a TCP port"));
+    }
+
+    #[test]
+    fn worker_strings_reach_the_hosts_file_without_control_characters() {
+        let mut status = healthy(3);
+        // A hostile worker tries to end the comment line and add a host of its own.
+        status.unit.as_mut().unwrap().active_state = "failed\n203.0.113.9:3632/64\r".into();
+        status.unit.as_mut().unwrap().sub_state = "\x1b]0;owned\x07x".repeat(100);
+        let list = HostList::compute(&[input("w:3634", &status)], &local(), &policy());
+        let text = list.render();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        let comment = text.lines().nth(1).unwrap();
+        assert!(comment.starts_with("# excluded w:3634: distccd is failed203.0.113.9:3632/64 ("));
+        assert!(
+            !text.chars().any(|c| c != '\n' && c.is_control()),
+            "{text:?}"
+        );
+        // Long reasons are cut in the file.
+        assert!(comment.len() < MAX_REASON_CHARS + 40, "{}", comment.len());
+        assert!(comment.ends_with("..."));
+        assert_eq!(text.lines().last().unwrap(), "localhost/2");
+        let explained = list.explain();
+        assert!(!explained.chars().any(|c| c != '\n' && c.is_control()));
+    }
+
+    #[test]
+    fn slot_arithmetic_saturates_and_a_worker_gets_at_most_the_cap() {
+        let boastful = |max_kids: u64| {
+            let mut status = healthy(0);
+            status.stats = Some(pb::DistccdStats {
+                available: true,
+                max_kids,
+                ..Default::default()
+            });
+            status
+        };
+        let (huge, wrapping) = (boastful(u64::MAX), boastful(1 << 32));
+        let mut cpus = healthy(0);
+        cpus.capacity.as_mut().unwrap().online_cpus = u32::MAX;
+        let list = HostList::compute(
+            &[
+                input("198.18.3.11:3634", &huge),
+                input("198.18.3.12:3634", &wrapping),
+                input("198.18.3.13:3634", &cpus),
+            ],
+            &local(),
+            &Policy {
+                local_slots: u32::MAX,
+                ..policy()
+            },
+        );
+        for w in &list.workers {
+            assert_eq!(w.entry.as_ref().unwrap().slots, MAX_WORKER_SLOTS, "{w:?}");
+            assert!(w.warnings[0].contains("using at most 1024"), "{w:?}");
+        }
+        // 2^32 is not truncated to 0 slots (and so to the job setting).
+        assert!(list.workers[1].warnings[0].starts_with("reports 4294967295 slots"));
+        assert_eq!(list.remote_slots(), 3 * MAX_WORKER_SLOTS);
+        assert_eq!(list.total_slots(), u32::MAX);
+        let many = HostList {
+            workers: (0..5)
+                .map(|i| WorkerVerdict {
+                    endpoint: format!("w{i}:3634"),
+                    entry: Some(HostEntry {
+                        host: format!("w{i}"),
+                        port: 3632,
+                        slots: u32::MAX / 2,
+                        lzo: false,
+                    }),
+                    excluded_reason: None,
+                    warnings: Vec::new(),
+                })
+                .collect(),
+            local_slots: 1,
+        };
+        assert_eq!(many.remote_slots(), u32::MAX);
+        assert_eq!(many.total_slots(), u32::MAX);
     }
 
     #[test]

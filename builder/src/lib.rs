@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod config;
 pub mod failover;
+pub mod fuzzing;
 pub mod host_list;
 pub mod local;
 pub mod ops;
@@ -15,4 +16,5 @@ pub mod session;
 pub mod state_files;
 pub mod steer;
 pub mod trust;
+pub mod untrusted;
 pub mod workspace;

@@ -11,6 +11,7 @@ use thiserror::Error;
 use crate::cluster::{Probe, call_within, fetch_status, status_text};
 use crate::config::AgentAccess;
 use crate::host_list::{HostList, LocalCompiler, admits, compiler_mismatches, endpoint_host};
+use crate::untrusted::printable;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SelectError {
@@ -190,10 +191,10 @@ pub async fn validate_one(
         .await;
         match agent {
             Ok(response) => checks.extend(response.checks.into_iter().map(|c| CheckResult {
-                name: c.name,
+                name: printable(&c.name).into_owned(),
                 passed: c.passed,
-                reason: c.reason,
-                hint: c.hint,
+                reason: printable(&c.reason).into_owned(),
+                hint: printable(&c.hint).into_owned(),
             })),
             Err(e) => checks.push(CheckResult::new(
                 "agent-validate",
@@ -400,7 +401,7 @@ pub async fn control_one(
     .await;
     match response {
         Ok(reply) => {
-            let state = reply.unit.map(|u| u.active_state);
+            let state = reply.unit.map(|u| printable(&u.active_state).into_owned());
             ControlResult {
                 endpoint: endpoint.to_owned(),
                 passed: state.as_deref() == Some("active"),
@@ -411,7 +412,11 @@ pub async fn control_one(
                     )
                 }),
                 distccd_state: state,
-                steps: reply.steps,
+                steps: reply
+                    .steps
+                    .iter()
+                    .map(|step| printable(step).into_owned())
+                    .collect(),
             }
         }
         Err(e) => ControlResult {

@@ -18,6 +18,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::untrusted::printable;
+
 /// `DCC_STATE_MAGIC`, "DIH\0".
 pub const STATE_MAGIC: u64 = 0x4449_4800;
 /// File names start with this, then the client's pid.
@@ -116,7 +118,8 @@ fn int_at(bytes: &[u8], offset: usize) -> Option<i32> {
 fn name_at(bytes: &[u8], offset: usize) -> Option<String> {
     let field = bytes.get(offset..offset + NAME_LEN)?;
     let end = field.iter().position(|b| *b == 0).unwrap_or(NAME_LEN);
-    Some(String::from_utf8_lossy(&field[..end]).into_owned())
+    // Source file names are the build's: `monitor` prints them, so no escape sequences.
+    Some(printable(&String::from_utf8_lossy(&field[..end])).into_owned())
 }
 
 /// Parse one state file's bytes; `None` for a short, foreign or differently sized record

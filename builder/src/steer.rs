@@ -16,6 +16,7 @@ use crate::config::AgentAccess;
 use crate::failover::{PortCheck, check_port, cut_connections};
 use crate::host_list::{HostEntry, HostList, LocalCompiler, Policy, WorkerInput, write_atomically};
 use crate::pace::PaceTracker;
+use crate::untrusted;
 
 /// How the session follows the workers.
 #[derive(Debug, Clone)]
@@ -422,7 +423,7 @@ async fn watch(
             Err(_) => return format!("no status for {:?}", config.stale_after()),
             Ok(Err(status)) => return status_text(&status),
             Ok(Ok(None)) => return "the agent ended the status stream".to_owned(),
-            Ok(Ok(Some(status))) => status,
+            Ok(Ok(Some(status))) => untrusted::cleaned(status),
         };
         // The stream does not run compilers; a compiler it has not described yet (new or
         // changed binary) is described by one full Status call.
@@ -431,7 +432,7 @@ async fn watch(
                 skip_compilers: false,
             });
             if let Ok(Ok(response)) = tokio::time::timeout(config.deadline, full).await {
-                status = response.into_inner();
+                status = untrusted::cleaned(response.into_inner());
             }
         }
         let port = status

@@ -30,6 +30,7 @@ mod agent;
 mod cmd;
 mod cpu;
 mod flood;
+pub mod fuzz_corpus;
 mod kernel;
 mod packages;
 mod pki;
