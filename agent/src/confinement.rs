@@ -195,20 +195,15 @@ pub fn check_filter(
     ))
 }
 
-/// The settings arguments of a distccd command line (`/proc/PID/cmdline`, NUL-separated):
-/// what follows the fixed `distccd --no-detach --daemon --log-stderr` of distccd.service.
-pub fn distccd_args_from_cmdline(raw: &[u8]) -> Vec<String> {
+/// The settings arguments of a distccd command line (as [`crate::runtime::read_cmdline`]
+/// reads it): what follows the fixed `distccd --no-detach --daemon --log-stderr` of
+/// distccd.service.
+pub fn distccd_args_from_cmdline(argv: Vec<String>) -> Vec<String> {
     let fixed = ["--no-detach", "--daemon", "--log-stderr"];
-    let mut args: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
+    argv.into_iter()
         .skip(1)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    while args.first().is_some_and(|a| fixed.contains(&a.as_str())) {
-        args.remove(0);
-    }
-    args
+        .skip_while(|a| fixed.contains(&a.as_str()))
+        .collect()
 }
 
 /// Whether applying new settings needs distccd restarted: only when its command line
@@ -295,11 +290,13 @@ mod tests {
 
     #[test]
     fn running_args_come_from_the_command_line() {
-        let raw =
-            "/usr/bin/distccd --no-detach --daemon --log-stderr --allow 198.18.0.0/24 --port 3632 "
-                .replace(' ', "\0");
+        let argv =
+            "/usr/bin/distccd --no-detach --daemon --log-stderr --allow 198.18.0.0/24 --port 3632"
+                .split(' ')
+                .map(str::to_owned)
+                .collect();
         assert_eq!(
-            distccd_args_from_cmdline(raw.as_bytes()),
+            distccd_args_from_cmdline(argv),
             ["--allow", "198.18.0.0/24", "--port", "3632"]
         );
     }

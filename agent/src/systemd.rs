@@ -545,9 +545,10 @@ impl UnitControl for SystemdUnit {
             if pid == 0 {
                 return Ok(None);
             }
-            Ok(std::fs::read(format!("/proc/{pid}/cmdline"))
+            // Unreadable or empty (a zombie): not known, which means "restart to be sure".
+            Ok(crate::runtime::read_cmdline(pid)
                 .ok()
-                .map(|raw| crate::confinement::distccd_args_from_cmdline(&raw)))
+                .map(crate::confinement::distccd_args_from_cmdline))
         })
     }
 
