@@ -14,6 +14,7 @@
 //! object only after a whole result arrived, and a local fallback compile replaces the
 //! output file, so no object is lost or half-written.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -60,38 +61,100 @@ pub enum CutError {
     Failed { status: String, stderr: String },
 }
 
+/// Which of this network namespace's connections to a distccd to abort.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CutScope {
+    /// Every one: the worker is lost, whoever's compile it was is stuck.
+    All,
+    /// Only sockets owned by these uids (the sessions that asked for slow cuts); other
+    /// users' compiles on a slow but live worker are left to finish.
+    OwnedBy(BTreeSet<u32>),
+}
+
+/// A TCP connection as `ss -e` lists it: its local end and the uid owning the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedSocket {
+    pub local: SocketAddr,
+    pub uid: u32,
+}
+
+fn ss_host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| (*s).to_owned()).collect()
+}
+
 /// `ss` arguments that kill every TCP socket of this network namespace connected to
 /// `addr` (established or still connecting).
 pub fn ss_kill_args(addr: SocketAddr) -> Vec<String> {
-    let host = match addr.ip() {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("[{ip}]"),
-    };
-    [
-        "-K",
-        "-H",
-        "-n",
-        "-t",
-        "dst",
-        &host,
-        "dport",
-        "=",
-        &format!(":{}", addr.port()),
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect()
+    let host = ss_host(addr.ip());
+    let port = format!(":{}", addr.port());
+    strings(&["-K", "-H", "-n", "-t", "dst", &host, "dport", "=", &port])
 }
 
-/// Abort the connections to `addr`; returns how many `ss` reports closed.
-pub async fn cut_connections(addr: SocketAddr) -> Result<usize, CutError> {
+/// `ss` arguments that kill the one socket from `local` to `addr`.
+pub fn ss_kill_one_args(addr: SocketAddr, local: SocketAddr) -> Vec<String> {
+    let mut args = ss_kill_args(addr);
+    let (src, sport) = (ss_host(local.ip()), format!(":{}", local.port()));
+    args.extend(strings(&["src", &src, "sport", "=", &sport]));
+    args
+}
+
+/// `ss` arguments that list the sockets connected to `addr` with their owners (`-e`).
+pub fn ss_list_args(addr: SocketAddr) -> Vec<String> {
+    let host = ss_host(addr.ip());
+    let port = format!(":{}", addr.port());
+    strings(&["-H", "-n", "-t", "-e", "dst", &host, "dport", "=", &port])
+}
+
+/// The sockets in `ss -H -n -t -e` output: the 4th column is the local address, and
+/// `uid:N` names the owner; ss leaves the field out for uid 0.
+pub fn parse_owned_sockets(text: &str) -> Vec<OwnedSocket> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = fields.get(3)?.parse().ok()?;
+            let uid = fields
+                .iter()
+                .find_map(|f| f.strip_prefix("uid:"))
+                .map_or(Some(0), |n| n.parse().ok())?;
+            Some(OwnedSocket { local, uid })
+        })
+        .collect()
+}
+
+/// Abort the connections to `addr` in `scope`; returns how many `ss` reports closed.
+/// `OwnedBy` an empty set aborts nothing and runs nothing.
+pub async fn cut_connections(addr: SocketAddr, scope: &CutScope) -> Result<usize, CutError> {
+    match scope {
+        CutScope::All => run_ss_kill(ss_kill_args(addr)).await,
+        CutScope::OwnedBy(uids) if uids.is_empty() => Ok(0),
+        CutScope::OwnedBy(uids) => {
+            let listed = run_ss(ss_list_args(addr)).await?;
+            let mut cut = 0;
+            for socket in parse_owned_sockets(&String::from_utf8_lossy(&listed.stdout)) {
+                if uids.contains(&socket.uid) {
+                    cut += run_ss_kill(ss_kill_one_args(addr, socket.local)).await?;
+                }
+            }
+            Ok(cut)
+        }
+    }
+}
+
+async fn run_ss(args: Vec<String>) -> Result<std::process::Output, CutError> {
     // root's usual PATH has it, a service's may not: try iproute2's places first.
     let ss = ["/usr/bin/ss", "/bin/ss", "/usr/sbin/ss", "/sbin/ss"]
         .into_iter()
         .find(|p| std::path::Path::new(p).is_file())
         .unwrap_or("ss");
     let output = tokio::process::Command::new(ss)
-        .args(ss_kill_args(addr))
+        .args(args)
         .kill_on_drop(true)
         .output()
         .await
@@ -102,6 +165,11 @@ pub async fn cut_connections(addr: SocketAddr) -> Result<usize, CutError> {
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         });
     }
+    Ok(output)
+}
+
+async fn run_ss_kill(args: Vec<String>) -> Result<usize, CutError> {
+    let output = run_ss(args).await?;
     // Without CAP_NET_ADMIN the kernel refuses SOCK_DESTROY, and ss (iproute2 6.1) still
     // exits 0, printing "SOCK_DESTROY answers: Operation not permitted" on stderr and
     // nothing on stdout; that must not pass for "nothing to abort".
@@ -140,6 +208,88 @@ mod tests {
             ss_kill_args("[fd00::1]:3632".parse().unwrap()).join(" "),
             "-K -H -n -t dst [fd00::1] dport = :3632"
         );
+    }
+
+    #[test]
+    fn kill_one_names_the_four_tuple() {
+        assert_eq!(
+            ss_kill_one_args(
+                "198.18.3.12:3632".parse().unwrap(),
+                "198.18.3.1:44632".parse().unwrap()
+            )
+            .join(" "),
+            "-K -H -n -t dst 198.18.3.12 dport = :3632 src 198.18.3.1 sport = :44632"
+        );
+    }
+
+    #[test]
+    fn owners_are_read_from_ss_e_lines() {
+        // Captured from `ss -H -n -t -e dst ... dport = :PORT` (iproute2 6.1): root's
+        // sockets carry no uid field; a SYN-SENT one has a timer; IPv6 in brackets.
+        let text = "\
+ESTAB    0      0      127.0.0.1:44624 127.0.0.1:46449 ino:13316 sk:3 cgroup:/ <->
+SYN-SENT 0      1      127.0.0.1:44632 127.0.0.1:46449 timer:(on,496ms,0) ino:13317 sk:4 cgroup:/ <->
+ESTAB 0      0      127.0.0.1:55294 127.0.0.1:36219 uid:65534 ino:11909 sk:2 cgroup:/ <->
+ESTAB 0      0      [::1]:46066 [::1]:54555 uid:1000 ino:11998 sk:1001 cgroup:/ <->
+
+garbage line
+";
+        assert_eq!(
+            parse_owned_sockets(text),
+            [
+                OwnedSocket {
+                    local: "127.0.0.1:44624".parse().unwrap(),
+                    uid: 0
+                },
+                OwnedSocket {
+                    local: "127.0.0.1:44632".parse().unwrap(),
+                    uid: 0
+                },
+                OwnedSocket {
+                    local: "127.0.0.1:55294".parse().unwrap(),
+                    uid: 65534
+                },
+                OwnedSocket {
+                    local: "[::1]:46066".parse().unwrap(),
+                    uid: 1000
+                },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_owner_set_cuts_nothing() {
+        let scope = CutScope::OwnedBy(BTreeSet::new());
+        assert_eq!(
+            cut_connections("127.0.0.1:9".parse().unwrap(), &scope)
+                .await
+                .unwrap(),
+            0
+        );
+    }
+
+    /// Real sockets on loopback: `OwnedBy` leaves other owners' connections alone and
+    /// aborts the owner's. Needs CAP_NET_ADMIN (root), as the cut itself does.
+    #[tokio::test]
+    async fn owned_by_cuts_only_the_owners_sockets() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: SOCK_DESTROY needs root");
+            return;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut server_side, _) = listener.accept().await.unwrap();
+        let others = CutScope::OwnedBy(BTreeSet::from([65534]));
+        assert_eq!(cut_connections(addr, &others).await.unwrap(), 0);
+        let root = CutScope::OwnedBy(BTreeSet::from([0]));
+        assert_eq!(cut_connections(addr, &root).await.unwrap(), 1);
+        // The aborted client's end is gone: the server reads end of stream or a reset.
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        let read = server_side.read(&mut buf).await;
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        drop(client);
     }
 
     #[tokio::test]

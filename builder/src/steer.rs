@@ -9,11 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distcc_proto::v1 as pb;
-use tokio::sync::mpsc;
+use std::collections::BTreeSet;
 
-use crate::cluster::{Client, Probe, connect, host_list, source_address, status_text};
+use tokio::sync::{mpsc, watch};
+
+use crate::cluster::{
+    Client, Probe, WorkerView, connect, host_list, source_address, status_text, view,
+};
 use crate::config::AgentAccess;
-use crate::failover::{PortCheck, check_port, cut_connections};
+use crate::failover::{CutScope, PortCheck, check_port, cut_connections};
 use crate::host_list::{HostEntry, HostList, LocalCompiler, Policy, WorkerInput, write_atomically};
 use crate::pace::PaceTracker;
 use crate::untrusted;
@@ -30,10 +34,74 @@ pub struct SteeringConfig {
     pub local: Vec<LocalCompiler>,
     pub policy: Policy,
     pub hosts_file: PathBuf,
-    /// Abort this builder's connections to a worker confirmed lost (see
-    /// [`crate::failover`]) or just judged slow (see [`crate::pace`]), so compiles in
-    /// flight there fall back to local ones at once.
-    pub cut_lost_connections: bool,
+    /// Which connections to abort, so compiles in flight there fall back to local ones at
+    /// once.
+    pub cuts: CutPolicy,
+    /// Where to publish every worker's latest status and the host list, after each batch
+    /// of statuses (the daemon answers users' `status`/`hosts` from it).
+    pub survey: Option<watch::Sender<Arc<Survey>>>,
+}
+
+/// When steering aborts this builder's connections to a worker.
+#[derive(Debug, Clone)]
+pub struct CutPolicy {
+    /// On a confirmed loss (see [`crate::failover`]): every connection to it.
+    pub lost: bool,
+    /// When the worker was just judged slow (see [`crate::pace`]).
+    pub slow: SlowCuts,
+}
+
+impl CutPolicy {
+    /// Cut nothing: steer new compiles only.
+    pub fn never() -> Self {
+        Self {
+            lost: false,
+            slow: SlowCuts::Never,
+        }
+    }
+}
+
+/// Whose connections to a worker just judged slow are aborted.
+#[derive(Debug, Clone)]
+pub enum SlowCuts {
+    Never,
+    /// Every connection (a root session owns the builds on its machine).
+    All,
+    /// Only sockets of these uids, as the set is at the moment of the cut (the daemon
+    /// updates it as sessions that asked for slow cuts come and go); empty cuts nothing.
+    OwnedBy(watch::Receiver<BTreeSet<u32>>),
+}
+
+impl SlowCuts {
+    /// What to cut now, if anything.
+    fn scope(&self) -> Option<CutScope> {
+        match self {
+            SlowCuts::Never => None,
+            SlowCuts::All => Some(CutScope::All),
+            SlowCuts::OwnedBy(uids) => {
+                let uids = uids.borrow().clone();
+                (!uids.is_empty()).then_some(CutScope::OwnedBy(uids))
+            }
+        }
+    }
+}
+
+/// Every worker's latest status and the host list made from them.
+#[derive(Debug, Clone)]
+pub struct Survey {
+    /// In configuration order.
+    pub probes: Vec<Probe>,
+    pub list: HostList,
+}
+
+impl Survey {
+    /// One row per worker, as `status --json` writes it.
+    pub fn views(&self) -> Vec<WorkerView> {
+        self.probes
+            .iter()
+            .map(|p| view(p, self.list.verdict(&p.endpoint)))
+            .collect()
+    }
 }
 
 impl SteeringConfig {
@@ -75,6 +143,16 @@ pub enum SteeringEvent<'a> {
 }
 
 impl SteeringEvent<'_> {
+    /// A stable name for the event's kind, for clients that decide on it (never on the
+    /// text).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SteeringEvent::HostsChanged { .. } => "hosts_changed",
+            SteeringEvent::ConnectionsCut { .. } => "lost",
+            SteeringEvent::SlowCut { .. } => "slow_cut",
+        }
+    }
+
     /// One line per fact, for logs.
     pub fn describe(&self) -> Vec<String> {
         match self {
@@ -195,7 +273,7 @@ pub async fn steer(
         }
         for (index, probe) in batch {
             if let Err(why) = &probe.status {
-                if config.cut_lost_connections
+                if config.cuts.lost
                     && !cutting[index]
                     && let Some(entry) = &last_entries[index]
                 {
@@ -217,18 +295,24 @@ pub async fn steer(
             probes[index] = probe;
         }
         let next = paced_host_list(&probes, &paces, &config);
-        if config.cut_lost_connections {
-            for (index, (was, now)) in current.workers.iter().zip(&next.workers).enumerate() {
-                if let (Some(entry), Some(reason)) = (&was.entry, &now.excluded_reason)
-                    && reason.starts_with("slow:")
-                {
-                    tokio::spawn(cut_slow(
-                        index,
-                        entry.clone(),
-                        reason.clone(),
-                        slow_done.clone(),
-                    ));
-                }
+        if let Some(survey) = &config.survey {
+            survey.send_replace(Arc::new(Survey {
+                probes: probes.clone(),
+                list: next.clone(),
+            }));
+        }
+        for (index, (was, now)) in current.workers.iter().zip(&next.workers).enumerate() {
+            if let (Some(entry), Some(reason)) = (&was.entry, &now.excluded_reason)
+                && reason.starts_with("slow:")
+                && let Some(scope) = config.cuts.slow.scope()
+            {
+                tokio::spawn(cut_slow(
+                    index,
+                    entry.clone(),
+                    reason.clone(),
+                    scope,
+                    slow_done.clone(),
+                ));
             }
         }
         for (last, verdict) in last_entries.iter_mut().zip(&next.workers) {
@@ -307,7 +391,11 @@ async fn confirm_and_cut(
     };
     let port = check_port(distccd, bound).await;
     let result = if port.confirms_loss() {
-        Some(cut_connections(distccd).await.map_err(|e| e.to_string()))
+        Some(
+            cut_connections(distccd, &CutScope::All)
+                .await
+                .map_err(|e| e.to_string()),
+        )
     } else {
         None
     };
@@ -341,11 +429,19 @@ struct SlowCut {
 /// A worker just left the host list as slow: abort this builder's connections to it, so
 /// the compiles in flight there fail over to local ones (as for a lost worker) instead of
 /// holding the build back. The worker itself is fine; it only finishes late.
-async fn cut_slow(index: usize, entry: HostEntry, reason: String, done: mpsc::Sender<SlowCut>) {
+async fn cut_slow(
+    index: usize,
+    entry: HostEntry,
+    reason: String,
+    scope: CutScope,
+    done: mpsc::Sender<SlowCut>,
+) {
     let Some(distccd) = distccd_address(&entry).await else {
         return;
     };
-    let result = cut_connections(distccd).await.map_err(|e| e.to_string());
+    let result = cut_connections(distccd, &scope)
+        .await
+        .map_err(|e| e.to_string());
     let _ = done
         .send(SlowCut {
             index,
@@ -498,6 +594,20 @@ pub fn describe_change(before: &HostList, after: &HostList) -> Vec<String> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slow_cuts_follow_the_owner_set_of_the_moment() {
+        let (owners, rx) = watch::channel(BTreeSet::new());
+        let slow = SlowCuts::OwnedBy(rx);
+        assert_eq!(slow.scope(), None, "nobody asked: no cut");
+        owners.send_replace(BTreeSet::from([1000, 1001]));
+        assert_eq!(
+            slow.scope(),
+            Some(CutScope::OwnedBy(BTreeSet::from([1000, 1001])))
+        );
+        assert_eq!(SlowCuts::All.scope(), Some(CutScope::All));
+        assert_eq!(SlowCuts::Never.scope(), None);
+    }
 
     #[test]
     fn refresh_only_for_undescribed_configured_compilers() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use distcc_builder::host_list::{HostList, write_atomically};
-use distcc_builder::steer::{self, SteeringConfig, SteeringEvent};
+use distcc_builder::steer::{self, CutPolicy, SteeringConfig, SteeringEvent};
 
 use super::BuilderSetup;
 
@@ -41,7 +41,8 @@ pub async fn run(setup: &BuilderSetup, hosts_file: PathBuf) -> anyhow::Result<Ex
             hosts_file: hosts_file.clone(),
             // The daemon serves builds it does not own (other users, CI): it steers new
             // compiles but leaves their connections alone.
-            cut_lost_connections: false,
+            cuts: CutPolicy::never(),
+            survey: None,
         },
         probes,
         |event| {

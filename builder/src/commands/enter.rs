@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use distcc_builder::cluster::Probe;
 use distcc_builder::host_list::{HostList, write_atomically};
 use distcc_builder::session::{self, LocalFacts, PreflightCheck, SESSION_VAR};
-use distcc_builder::steer::{self, SteeringConfig, SteeringEvent};
+use distcc_builder::steer::{self, CutPolicy, SlowCuts, SteeringConfig, SteeringEvent};
 use distcc_builder::workspace;
 
 use super::{BuilderSetup, exit_for};
@@ -126,8 +126,12 @@ pub async fn run(
             local,
             policy: setup.policy.clone(),
             hosts_file,
-            // Compiles in flight on a lost worker fall back to local ones at once.
-            cut_lost_connections: true,
+            // Compiles in flight on a lost or slow worker fall back to local ones at once.
+            cuts: CutPolicy {
+                lost: true,
+                slow: SlowCuts::All,
+            },
+            survey: None,
         },
         probes,
         move |event| log_event(&log_path, &event),
