@@ -17,8 +17,10 @@ use crate::config::{AgentAccess, Transport, Trust};
 use crate::host_list::{
     HostList, LocalCompiler, Policy, WorkerInput, WorkerVerdict, endpoint_host,
 };
+use crate::snapshot::{DEFAULT_DISTCCD_PORT, WorkerSnapshot, saturating_u32};
 use crate::trust::{CertificateCapture, KnownWorkers};
 use crate::untrusted::{self, printable};
+use crate::verdict::{Exclusion, ExclusionKind};
 
 /// One worker as the builder sees it. Serialised as the stable JSON of `status --json`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -32,6 +34,8 @@ pub struct WorkerView {
     pub slots: u32,
     /// Why the worker is not in the host list; null when it is.
     pub excluded_reason: Option<String>,
+    /// The reason's kind ([`ExclusionKind`], snake_case); null when included.
+    pub excluded_kind: Option<ExclusionKind>,
     pub hostname: Option<String>,
     pub agent_version: Option<String>,
     pub jobs_running: Option<u32>,
@@ -43,32 +47,11 @@ pub struct WorkerView {
     pub rpc_latency_ms: f64,
 }
 
-/// Slots to use on a worker: distccd's own limit when known, else its job setting, else
-/// distccd's default (CPUs + 2). The worker's numbers saturate (a `max_kids` above
-/// `u32::MAX` is `u32::MAX`, not its low bits); the host list caps the result.
-pub fn slots_of(status: &pb::WorkerStatus) -> u32 {
-    let stats_kids = status
-        .stats
-        .as_ref()
-        .filter(|s| s.available)
-        .map_or(0, |s| saturating_u32(s.max_kids));
-    let jobs = status.settings.as_ref().map_or(0, |s| s.jobs);
-    let cpus = status.capacity.as_ref().map_or(0, |c| c.online_cpus);
-    [stats_kids, jobs, cpus.saturating_add(2)]
-        .into_iter()
-        .find(|n| *n > 0)
-        .unwrap_or(0)
-}
-
-fn saturating_u32(n: u64) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
-}
-
 /// A worker's status and how this builder reaches it, gathered within a deadline.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Probe {
     pub endpoint: String,
-    pub status: Result<pb::WorkerStatus, String>,
+    pub status: Result<WorkerSnapshot, String>,
     pub latency: Duration,
     /// The source address the builder uses towards the worker (what distccd sees).
     pub builder_addr: Option<IpAddr>,
@@ -81,6 +64,7 @@ impl Probe {
             status: self.status.as_ref().map_err(String::as_str),
             builder_addr: self.builder_addr,
             mean_job_secs: None,
+            agent_away: None,
         }
     }
 }
@@ -91,18 +75,25 @@ pub fn host_list(probes: &[Probe], local: &[LocalCompiler], policy: &Policy) -> 
     HostList::compute(&inputs, local, policy)
 }
 
+/// One view per probe, each with its verdict in `list`.
+pub fn views(probes: &[Probe], list: &HostList) -> Vec<WorkerView> {
+    probes
+        .iter()
+        .map(|p| view(p, list.verdict(&p.endpoint)))
+        .collect()
+}
+
 /// The builder's view of one worker, with the host list's verdict on it.
 pub fn view(probe: &Probe, verdict: Option<&WorkerVerdict>) -> WorkerView {
     let rpc_latency_ms = probe.latency.as_secs_f64() * 1000.0;
-    let (slots, excluded_reason) = match verdict {
-        Some(v) => (
-            v.entry.as_ref().map_or(0, |e| e.slots),
-            v.excluded_reason.clone(),
-        ),
-        None => (0, Some("not in the host list".to_owned())),
+    let (slots, exclusion) = match verdict {
+        Some(v) => (v.entry().map_or(0, |e| e.slots), v.exclusion().cloned()),
+        None => (0, Some(Exclusion::NotInList)),
     };
-    let status = match &probe.status {
-        Ok(status) => status,
+    let excluded_reason = exclusion.as_ref().map(Exclusion::to_string);
+    let excluded_kind = exclusion.as_ref().map(Exclusion::kind);
+    let snapshot = match &probe.status {
+        Ok(snapshot) => snapshot,
         Err(_) => {
             return WorkerView {
                 endpoint: probe.endpoint.clone(),
@@ -110,6 +101,7 @@ pub fn view(probe: &Probe, verdict: Option<&WorkerVerdict>) -> WorkerView {
                 distccd_state: None,
                 slots: 0,
                 excluded_reason,
+                excluded_kind,
                 hostname: None,
                 agent_version: None,
                 jobs_running: None,
@@ -122,10 +114,10 @@ pub fn view(probe: &Probe, verdict: Option<&WorkerVerdict>) -> WorkerView {
             };
         }
     };
-    let unit = status.unit.clone().unwrap_or_default();
-    let stats = status.stats.clone().unwrap_or_default();
-    let mut compilers: Vec<String> = status
-        .compilers
+    let status = snapshot.status();
+    let stats = snapshot.stats().cloned().unwrap_or_default();
+    let mut compilers: Vec<String> = snapshot
+        .compilers()
         .iter()
         .filter(|c| c.name == "gcc" || c.name == "g++")
         .map(|c| format!("{}: {}", c.name, c.version))
@@ -134,9 +126,10 @@ pub fn view(probe: &Probe, verdict: Option<&WorkerVerdict>) -> WorkerView {
     WorkerView {
         endpoint: probe.endpoint.clone(),
         reachable: true,
-        distccd_state: Some(unit.active_state.clone()),
+        distccd_state: Some(snapshot.unit_state().0.to_owned()),
         slots,
         excluded_reason,
+        excluded_kind,
         hostname: Some(status.hostname.clone()),
         agent_version: Some(status.agent_version.clone()),
         jobs_running: stats.available.then_some(stats.jobs_running),
@@ -327,15 +320,13 @@ pub async fn source_address(endpoint: &str, port: u16) -> Option<IpAddr> {
 /// Probe one worker: status and route, within `deadline`.
 pub async fn probe(endpoint: &str, access: &AgentAccess, deadline: Duration) -> Probe {
     let started = Instant::now();
-    let status = fetch_status(endpoint, access, deadline).await;
+    let status = fetch_status(endpoint, access, deadline)
+        .await
+        .map(WorkerSnapshot::new);
     let latency = started.elapsed();
     let port = status
         .as_ref()
-        .ok()
-        .and_then(|s| s.settings.as_ref())
-        .and_then(|s| u16::try_from(s.port).ok())
-        .filter(|p| *p != 0)
-        .unwrap_or(3632);
+        .map_or(DEFAULT_DISTCCD_PORT, WorkerSnapshot::distccd_port_to_try);
     Probe {
         endpoint: endpoint.to_owned(),
         builder_addr: source_address(endpoint, port).await,
@@ -379,25 +370,21 @@ mod tests {
     }
 
     #[test]
-    fn slots_prefer_distccd_then_jobs_then_cpus() {
-        assert_eq!(slots_of(&status("active", 6, 4, 2)), 6);
-        assert_eq!(slots_of(&status("active", 0, 4, 2)), 4);
-        assert_eq!(slots_of(&status("active", 0, 0, 2)), 4);
-    }
-
-    #[test]
-    fn slots_saturate_instead_of_wrapping() {
-        // 2^32 + 3 kids is not 3 slots, u32::MAX CPUs + 2 does not overflow.
-        assert_eq!(slots_of(&status("active", (1 << 32) + 3, 4, 2)), u32::MAX);
-        assert_eq!(slots_of(&status("active", 0, 0, u32::MAX)), u32::MAX);
+    fn max_slots_saturate_and_a_view_without_verdict_says_so() {
         let probe = probe_of(Ok(status("active", u64::MAX, 0, 2)));
-        assert_eq!(view(&probe, None).max_slots, Some(u32::MAX));
+        let view = view(&probe, None);
+        assert_eq!(view.max_slots, Some(u32::MAX));
+        assert_eq!(view.excluded_kind, Some(ExclusionKind::NotInList));
+        assert_eq!(
+            view.excluded_reason.as_deref(),
+            Some("not in the host list")
+        );
     }
 
     fn probe_of(status: Result<pb::WorkerStatus, String>) -> Probe {
         Probe {
             endpoint: "198.18.3.11:3634".into(),
-            status,
+            status: status.map(WorkerSnapshot::new),
             latency: Duration::ZERO,
             builder_addr: Some("198.18.3.1".parse().unwrap()),
         }
@@ -418,6 +405,7 @@ mod tests {
             probe_of(Ok(active)),
         ];
         let list = host_list(&probes, &[], &policy);
+        // All three share one endpoint: each takes its own verdict.
         let views: Vec<WorkerView> = probes
             .iter()
             .zip(&list.workers)
@@ -433,6 +421,15 @@ mod tests {
         );
         let json = serde_json::to_value(v).unwrap();
         assert_eq!(json["distccd_state"], serde_json::Value::Null);
+        assert_eq!(json["excluded_kind"], "unreachable");
+        assert_eq!(
+            serde_json::to_value(&views[0]).unwrap()["excluded_kind"],
+            "inactive"
+        );
+        assert_eq!(
+            serde_json::to_value(&views[2]).unwrap()["excluded_kind"],
+            serde_json::Value::Null
+        );
         assert_eq!(
             json["excluded_reason"],
             "agent unreachable: connect: refused"

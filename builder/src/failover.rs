@@ -38,6 +38,58 @@ impl PortCheck {
     }
 }
 
+impl std::fmt::Display for PortCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortCheck::Answers => f.write_str("answers"),
+            PortCheck::Refused(why) => write!(f, "refused: {why}"),
+            PortCheck::Silent(why) => write!(f, "silent: {why}"),
+        }
+    }
+}
+
+/// What a machine's ports said, one connection attempt each within the same bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachinePorts {
+    pub distccd: SocketAddr,
+    pub distccd_check: PortCheck,
+    pub agent: SocketAddr,
+    pub agent_check: PortCheck,
+}
+
+impl MachinePorts {
+    /// A loss is confirmed only when the machine answers on none of its ports: a full
+    /// accept queue drops SYNs on distccd's port without a word, but then the agent's
+    /// port still answers (or refuses, while the agent restarts).
+    pub fn confirm_loss(&self) -> bool {
+        self.distccd_check.confirms_loss() && self.agent_check.confirms_loss()
+    }
+
+    /// For log lines: `distcc port A: silent: ...; agent port B: refused: ...`.
+    pub fn describe(&self) -> String {
+        format!(
+            "distcc port {}: {}; agent port {}: {}",
+            self.distccd, self.distccd_check, self.agent, self.agent_check
+        )
+    }
+}
+
+/// Ask distccd's port and the agent's port at once, each within `bound`.
+pub async fn check_machine(
+    distccd: SocketAddr,
+    agent: SocketAddr,
+    bound: Duration,
+) -> MachinePorts {
+    let (distccd_check, agent_check) =
+        tokio::join!(check_port(distccd, bound), check_port(agent, bound));
+    MachinePorts {
+        distccd,
+        distccd_check,
+        agent,
+        agent_check,
+    }
+}
+
 /// Ask `addr` for a TCP connection, within `bound`.
 pub async fn check_port(addr: SocketAddr, bound: Duration) -> PortCheck {
     match tokio::time::timeout(bound, tokio::net::TcpStream::connect(addr)).await {
@@ -290,6 +342,56 @@ garbage line
         let read = server_side.read(&mut buf).await;
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
         drop(client);
+    }
+
+    /// A listener whose accept queue is full: further SYNs are dropped without an answer.
+    async fn swamped_listener() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        // Linux queues backlog + 1 connections.
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        while let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            queued.push(stream);
+            assert!(queued.len() < 16, "the accept queue never filled");
+        }
+        (listener, queued)
+    }
+
+    #[tokio::test]
+    async fn a_full_backlog_with_a_live_agent_port_is_no_loss() {
+        let (swamped, _queued) = swamped_listener().await;
+        let distccd = swamped.local_addr().unwrap();
+        let bound = Duration::from_millis(500);
+        assert!(matches!(
+            check_port(distccd, bound).await,
+            PortCheck::Silent(_)
+        ));
+        // The agent restarting: its port refuses.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let agent = closed.local_addr().unwrap();
+        drop(closed);
+        let ports = check_machine(distccd, agent, bound).await;
+        assert!(
+            matches!(ports.agent_check, PortCheck::Refused(_)),
+            "{ports:?}"
+        );
+        assert!(!ports.confirm_loss(), "{}", ports.describe());
+        // The agent serving: its port answers.
+        let serving = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ports = check_machine(distccd, serving.local_addr().unwrap(), bound).await;
+        assert_eq!(ports.agent_check, PortCheck::Answers);
+        assert!(!ports.confirm_loss());
+        // Silent on both ports: that is a loss.
+        let (also_swamped, _also_queued) = swamped_listener().await;
+        let ports = check_machine(distccd, also_swamped.local_addr().unwrap(), bound).await;
+        assert!(ports.confirm_loss(), "{}", ports.describe());
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use crate::config::{BuilderConfig, ConfigError};
 use crate::host_list::{
     HostList, LocalCompiler, MAX_WORKER_SLOTS, Policy, WorkerInput, endpoint_host,
 };
+use crate::snapshot::WorkerSnapshot;
 use crate::state_files;
 use crate::untrusted::{cleaned, is_unsafe};
 use distcc_config_file::ConfigFile;
@@ -42,9 +43,10 @@ pub fn host_list_from_status_bytes(data: &[u8]) {
         target: "x86_64-linux-gnu".into(),
         fingerprint: "a".repeat(64),
     }];
-    // Raw (a caller that forgot to clean) and cleaned (what the builder does).
+    // Raw and already cleaned: a snapshot cleans either way.
     let clean = cleaned(status.clone());
-    for status in [&status, &clean] {
+    for status in [status, clean] {
+        let snapshot = WorkerSnapshot::new(status);
         for (allow_mismatch, local_slots) in [(false, 2), (true, u32::MAX)] {
             let policy = Policy {
                 allow_mismatch,
@@ -56,16 +58,17 @@ pub fn host_list_from_status_bytes(data: &[u8]) {
                 .iter()
                 .map(|endpoint| WorkerInput {
                     endpoint,
-                    status: Ok(status),
+                    status: Ok(&snapshot),
                     builder_addr,
                     mean_job_secs: Some(1.0),
+                    agent_away: None,
                 })
                 .collect();
             let list = HostList::compute(&inputs, &local, &policy);
             check_host_list(&list);
             let probe = Probe {
                 endpoint: ENDPOINTS[0].to_owned(),
-                status: Ok(status.clone()),
+                status: Ok(snapshot.clone()),
                 latency: Duration::ZERO,
                 builder_addr,
             };
@@ -77,11 +80,11 @@ pub fn host_list_from_status_bytes(data: &[u8]) {
 fn check_host_list(list: &HostList) {
     for (worker, endpoint) in list.workers.iter().zip(ENDPOINTS) {
         assert_eq!(
-            worker.entry.is_some(),
-            worker.excluded_reason.is_none(),
+            worker.entry().is_some(),
+            worker.exclusion().is_none(),
             "{worker:?}"
         );
-        if let Some(entry) = &worker.entry {
+        if let Some(entry) = worker.entry() {
             assert_eq!(entry.host, endpoint_host(endpoint), "{worker:?}");
             assert!(entry.port != 0, "{worker:?}");
             assert!((1..=MAX_WORKER_SLOTS).contains(&entry.slots), "{worker:?}");

@@ -8,16 +8,13 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
 
-use distcc_proto::v1 as pb;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::cluster::slots_of;
 use crate::pace::{median, slow_share};
+use crate::snapshot::WorkerSnapshot;
 use crate::untrusted::printable;
-
-/// distccd's port when a worker does not say (it always does; old agents might not).
-const DEFAULT_DISTCCD_PORT: u16 = 3632;
+use crate::verdict::{CompilerProblem, Exclusion, ExclusionKind, ListenProblem, Verdict};
 
 /// The most slots one worker gets, whatever it claims: the agent's own ceiling on
 /// distccd's `--jobs`. `make -j` is the sum over the workers, so a worker announcing
@@ -47,13 +44,16 @@ pub struct WorkerInput<'a> {
     /// The agent endpoint as configured (`host:port`).
     pub endpoint: &'a str,
     /// The worker's status, or why it could not be had.
-    pub status: Result<&'a pb::WorkerStatus, &'a str>,
+    pub status: Result<&'a WorkerSnapshot, &'a str>,
     /// The source address this builder uses to reach the worker (what distccd's allowlist
     /// sees); `None` when there is no route.
     pub builder_addr: Option<IpAddr>,
     /// Mean seconds a compile spends at this worker, when steering has measured it
     /// ([`crate::pace`]); compared with the other workers' to leave stragglers out.
     pub mean_job_secs: Option<f64>,
+    /// Set when `status` is the last one before the agent's stream broke while distccd
+    /// still serves (see [`crate::track`]): the worker is judged on it, with this warning.
+    pub agent_away: Option<&'a str>,
 }
 
 /// Choices that are the operator's, not the workers'.
@@ -89,16 +89,68 @@ impl HostEntry {
     }
 }
 
-/// The decision about one worker.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The decision about one worker. Serialised flat, as `hosts --json` writes it:
+/// `endpoint`, `entry` (null when excluded), `excluded_reason` and `excluded_kind` (null
+/// when included), `warnings`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkerVerdict {
     pub endpoint: String,
+    pub verdict: Verdict,
+}
+
+impl WorkerVerdict {
     /// The hosts-file entry; `None` when excluded.
-    pub entry: Option<HostEntry>,
+    pub fn entry(&self) -> Option<&HostEntry> {
+        match &self.verdict {
+            Verdict::Included { entry, .. } => Some(entry),
+            Verdict::Excluded(_) => None,
+        }
+    }
+
     /// Why the worker is excluded; `None` when included.
-    pub excluded_reason: Option<String>,
-    /// Included despite something worth knowing (a compiler mismatch with `allow_mismatch`).
-    pub warnings: Vec<String>,
+    pub fn exclusion(&self) -> Option<&Exclusion> {
+        match &self.verdict {
+            Verdict::Included { .. } => None,
+            Verdict::Excluded(why) => Some(why),
+        }
+    }
+
+    pub fn excluded_kind(&self) -> Option<ExclusionKind> {
+        self.exclusion().map(Exclusion::kind)
+    }
+
+    /// The text of [`Self::exclusion`].
+    pub fn excluded_reason(&self) -> Option<String> {
+        self.exclusion().map(Exclusion::to_string)
+    }
+
+    pub fn warnings(&self) -> &[String] {
+        match &self.verdict {
+            Verdict::Included { warnings, .. } => warnings,
+            Verdict::Excluded(_) => &[],
+        }
+    }
+}
+
+impl Serialize for WorkerVerdict {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Flat<'a> {
+            endpoint: &'a str,
+            entry: Option<&'a HostEntry>,
+            excluded_reason: Option<String>,
+            excluded_kind: Option<ExclusionKind>,
+            warnings: &'a [String],
+        }
+        Flat {
+            endpoint: &self.endpoint,
+            entry: self.entry(),
+            excluded_reason: self.excluded_reason(),
+            excluded_kind: self.excluded_kind(),
+            warnings: self.warnings(),
+        }
+        .serialize(serializer)
+    }
 }
 
 /// The host list of one moment.
@@ -115,22 +167,13 @@ impl HostList {
             .iter()
             .enumerate()
             .map(|(i, input)| (input, others_mean_job_secs(inputs, i)))
-            .map(
-                |(input, others)| match decide(input, local, policy, others) {
-                    Ok((entry, warnings)) => WorkerVerdict {
-                        endpoint: input.endpoint.to_owned(),
-                        entry: Some(entry),
-                        excluded_reason: None,
-                        warnings,
-                    },
-                    Err(reason) => WorkerVerdict {
-                        endpoint: input.endpoint.to_owned(),
-                        entry: None,
-                        excluded_reason: Some(reason),
-                        warnings: Vec::new(),
-                    },
+            .map(|(input, others)| WorkerVerdict {
+                endpoint: input.endpoint.to_owned(),
+                verdict: match decide(input, local, policy, others) {
+                    Ok((entry, warnings)) => Verdict::Included { entry, warnings },
+                    Err(why) => Verdict::Excluded(why),
                 },
-            )
+            })
             .collect();
         Self {
             workers,
@@ -139,7 +182,7 @@ impl HostList {
     }
 
     pub fn included(&self) -> impl Iterator<Item = &HostEntry> {
-        self.workers.iter().filter_map(|w| w.entry.as_ref())
+        self.workers.iter().filter_map(WorkerVerdict::entry)
     }
 
     /// Remote slots only: what `make -j` should use (local compiles are preprocessing's
@@ -164,11 +207,11 @@ impl HostList {
     pub fn render(&self) -> String {
         let mut text = String::from("# written by builderctl; rewritten as workers change\n");
         for w in &self.workers {
-            if let Some(reason) = &w.excluded_reason {
+            if let Some(reason) = w.excluded_reason() {
                 text.push_str(&format!(
                     "# excluded {}: {}\n",
                     printable(&w.endpoint),
-                    bounded(&printable(reason), MAX_REASON_CHARS)
+                    bounded(&printable(&reason), MAX_REASON_CHARS)
                 ));
             }
         }
@@ -185,18 +228,18 @@ impl HostList {
     pub fn explain(&self) -> String {
         let mut text = String::new();
         for w in &self.workers {
-            match (&w.entry, &w.excluded_reason) {
-                (Some(entry), _) => {
+            match &w.verdict {
+                Verdict::Included { entry, warnings } => {
                     text.push_str(&format!("{:<28} # {}\n", entry.render(), w.endpoint));
-                    for warning in &w.warnings {
+                    for warning in warnings {
                         text.push_str(&format!("{:<28} #   warning: {}\n", "", printable(warning)));
                     }
                 }
-                (None, reason) => text.push_str(&format!(
+                Verdict::Excluded(why) => text.push_str(&format!(
                     "{:<28} # {} excluded: {}\n",
                     "-",
                     w.endpoint,
-                    printable(reason.as_deref().unwrap_or("unknown"))
+                    printable(&why.to_string())
                 )),
             }
         }
@@ -245,51 +288,47 @@ fn decide(
     local: &[LocalCompiler],
     policy: &Policy,
     others_job_secs: Option<f64>,
-) -> Result<(HostEntry, Vec<String>), String> {
-    let status = input
-        .status
-        .map_err(|why| format!("agent unreachable: {why}"))?;
-    let unit = status.unit.clone().unwrap_or_default();
-    if unit.active_state != "active" {
-        return Err(format!(
-            "distccd is {} ({})",
-            or_unknown(&unit.active_state),
-            or_unknown(&unit.sub_state)
-        ));
+) -> Result<(HostEntry, Vec<String>), Exclusion> {
+    let worker = input.status.map_err(|why| Exclusion::Unreachable {
+        why: why.to_owned(),
+    })?;
+    let (active_state, sub_state) = worker.unit_state();
+    if active_state != "active" {
+        return Err(Exclusion::Inactive {
+            active_state: active_state.to_owned(),
+            sub_state: sub_state.to_owned(),
+        });
     }
-    let settings = status.settings.clone().unwrap_or_default();
-    let host = distcc_host(input.endpoint, &settings.listen)?;
-    let port = match settings.port {
-        0 => DEFAULT_DISTCCD_PORT,
-        port => u16::try_from(port)
-            .ok()
-            .ok_or_else(|| format!("reports distccd port {port}, which is not a TCP port"))?,
-    };
+    let host = distcc_host(input.endpoint, worker.listen()).map_err(Exclusion::BadListen)?;
+    let port = worker
+        .distccd_port()
+        .map_err(|port| Exclusion::BadPort { port })?;
     let builder_addr = input
         .builder_addr
-        .ok_or_else(|| format!("no route from this builder to {host}"))?;
-    let allow = if status.effective_allow.is_empty() {
-        &settings.allow
-    } else {
-        &status.effective_allow
-    };
+        .ok_or_else(|| Exclusion::NoRoute { host: host.clone() })?;
+    let allow = worker.allow();
     if !admits(allow, builder_addr) {
-        return Err(format!(
-            "distccd's allowlist [{}] does not admit this builder ({builder_addr})",
-            allow.join(", ")
-        ));
+        return Err(Exclusion::NotAdmitted {
+            allow: allow.to_vec(),
+            builder: builder_addr,
+        });
     }
     let mut warnings = Vec::new();
-    for problem in compiler_mismatches(status, local) {
+    if let Some(why) = input.agent_away {
+        warnings.push(format!(
+            "agent away ({why}); distccd still answers: judged on its last status"
+        ));
+    }
+    for problem in compiler_mismatches(worker, local) {
         if policy.allow_mismatch {
-            warnings.push(problem);
+            warnings.push(problem.to_string());
         } else {
-            return Err(problem);
+            return Err(Exclusion::CompilerMismatch(problem));
         }
     }
-    let slots = slots_of(status);
+    let slots = worker.slots();
     if slots == 0 {
-        return Err("no slots: distccd reports no capacity".to_owned());
+        return Err(Exclusion::NoSlots);
     }
     let slots = if slots > MAX_WORKER_SLOTS {
         warnings.push(format!(
@@ -299,18 +338,10 @@ fn decide(
     } else {
         slots
     };
-    let running = status
-        .stats
-        .as_ref()
-        .filter(|s| s.available)
-        .map_or(0, |s| s.jobs_running);
+    let running = worker.jobs_running();
     let slots = match overload_share(slots, running) {
         share if share == slots => slots,
-        0 => {
-            return Err(format!(
-                "overloaded: distccd has {running} compiles in flight for {slots} slots"
-            ));
-        }
+        0 => return Err(Exclusion::Overloaded { running, slots }),
         share => {
             warnings.push(format!(
                 "overloaded: {running} compiles in flight for {slots} slots; using {share}"
@@ -322,9 +353,10 @@ fn decide(
         (Some(mean), Some(others)) => match slow_share(slots, mean, others) {
             share if share == slots => slots,
             0 => {
-                return Err(format!(
-                    "slow: compiles take {mean:.1} s here, {others:.1} s on the other workers"
-                ));
+                return Err(Exclusion::Slow {
+                    mean_secs: mean,
+                    others_secs: others,
+                });
             }
             share => {
                 warnings.push(format!(
@@ -363,25 +395,20 @@ pub fn overload_share(slots: u32, running: u32) -> u32 {
     }
 }
 
-fn or_unknown(s: &str) -> &str {
-    if s.is_empty() { "unknown" } else { s }
-}
-
 /// Where distcc connects: always the host of the configured endpoint, never an address
 /// the worker names. The worker's listen address only decides whether distccd can be
 /// reached there: all addresses (empty: an old agent, distccd's default), or exactly the
 /// endpoint's. Any other address is a worker steering this builder's sources elsewhere
 /// (or a misconfiguration that would refuse every compile), so the worker is excluded.
-fn distcc_host(endpoint: &str, listen: &str) -> Result<String, String> {
+fn distcc_host(endpoint: &str, listen: &str) -> Result<String, ListenProblem> {
     let agent_host = endpoint_host(endpoint);
     if listen.is_empty() {
         return Ok(agent_host.to_owned());
     }
     let Ok(ip) = listen.parse::<IpAddr>() else {
-        return Err(format!(
-            "reports distccd listen address {:?}, which is not an IP address",
-            bounded(listen, 64)
-        ));
+        return Err(ListenProblem::NotAnAddress {
+            listen: bounded(listen, 64),
+        });
     };
     let endpoint_ip = agent_host.parse::<IpAddr>().ok();
     if ip.is_unspecified()
@@ -391,20 +418,17 @@ fn distcc_host(endpoint: &str, listen: &str) -> Result<String, String> {
         return Ok(agent_host.to_owned());
     }
     if ip.is_loopback() && !is_loopback_host(agent_host) {
-        return Err(format!(
-            "distccd listens on {ip} only, which this builder cannot reach"
-        ));
+        return Err(ListenProblem::LoopbackOnly { ip });
     }
     Err(match endpoint_ip {
-        Some(_) => format!(
-            "distccd listens on {ip}, not on {agent_host} (the configured endpoint): not used, \
-             a worker cannot redirect compiles to another address"
-        ),
-        None => format!(
-            "distccd listens on {ip} only, and the endpoint is the name {agent_host}: not used, \
-             the builder cannot tell that address is this worker's (configure the worker by \
-             address, or let distccd listen on 0.0.0.0)"
-        ),
+        Some(_) => ListenProblem::OtherAddress {
+            ip,
+            endpoint_host: agent_host.to_owned(),
+        },
+        None => ListenProblem::EndpointIsAName {
+            ip,
+            name: agent_host.to_owned(),
+        },
     })
 }
 
@@ -429,15 +453,16 @@ pub fn admits(allow: &[String], addr: IpAddr) -> bool {
     })
 }
 
-/// One sentence per configured compiler the worker lacks or has in another build.
-pub fn compiler_mismatches(status: &pb::WorkerStatus, local: &[LocalCompiler]) -> Vec<String> {
+/// One problem per configured compiler the worker lacks or has in another build.
+pub fn compiler_mismatches(
+    worker: &WorkerSnapshot,
+    local: &[LocalCompiler],
+) -> Vec<CompilerProblem> {
     let mut problems = Vec::new();
     for mine in local {
-        let Some(theirs) = status.compilers.iter().find(|c| c.name == mine.name) else {
-            problems.push(format!(
-                "no `{}` masquerade link on the worker (distccd would refuse it)",
-                mine.name
-            ));
+        let name = mine.name.clone();
+        let Some(theirs) = worker.compilers().iter().find(|c| c.name == mine.name) else {
+            problems.push(CompilerProblem::Missing { name });
             continue;
         };
         if theirs.fingerprint.is_empty() {
@@ -446,28 +471,27 @@ pub fn compiler_mismatches(status: &pb::WorkerStatus, local: &[LocalCompiler]) -
             } else {
                 theirs.error.as_str()
             };
-            problems.push(format!(
-                "cannot compare `{}`: the worker's is unknown ({why})",
-                mine.name
-            ));
+            problems.push(CompilerProblem::Unknown {
+                name,
+                why: why.to_owned(),
+            });
         } else if theirs.fingerprint != mine.fingerprint {
-            let detail = if theirs.version == mine.version && theirs.target == mine.target {
-                format!(
-                    "same version {:?} but another binary (sha256 {} here, {} there)",
-                    mine.version,
-                    short(&mine.fingerprint),
-                    short(&theirs.fingerprint)
-                )
-            } else {
-                format!(
-                    "worker has {:?} for {}, builder has {:?} for {}",
-                    theirs.version,
-                    or_unknown(&theirs.target),
-                    mine.version,
-                    or_unknown(&mine.target)
-                )
-            };
-            problems.push(format!("`{}` differs: {detail}", mine.name));
+            problems.push(
+                if theirs.version == mine.version && theirs.target == mine.target {
+                    CompilerProblem::OtherBinary {
+                        name,
+                        version: mine.version.clone(),
+                        here: short(&mine.fingerprint).to_owned(),
+                        there: short(&theirs.fingerprint).to_owned(),
+                    }
+                } else {
+                    CompilerProblem::OtherVersion {
+                        name,
+                        theirs: (theirs.version.clone(), theirs.target.clone()),
+                        mine: (mine.version.clone(), mine.target.clone()),
+                    }
+                },
+            );
         }
     }
     problems
@@ -500,6 +524,7 @@ pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use distcc_proto::v1 as pb;
 
     const GCC_SUM: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
@@ -559,20 +584,22 @@ mod tests {
         }
     }
 
-    fn input<'a>(endpoint: &'a str, status: &'a pb::WorkerStatus) -> WorkerInput<'a> {
+    /// A worker's input; the snapshot is leaked so tests can hold statuses by value.
+    fn input(endpoint: &'static str, status: &pb::WorkerStatus) -> WorkerInput<'static> {
+        let snapshot = Box::leak(Box::new(WorkerSnapshot::new(status.clone())));
         WorkerInput {
             endpoint,
-            status: Ok(status),
+            status: Ok(snapshot),
             builder_addr: builder(),
             mean_job_secs: None,
+            agent_away: None,
         }
     }
 
     fn reason(list: &HostList, endpoint: &str) -> String {
         list.verdict(endpoint)
             .unwrap()
-            .excluded_reason
-            .clone()
+            .excluded_reason()
             .unwrap_or_else(|| panic!("{endpoint} was included"))
     }
 
@@ -633,6 +660,7 @@ mod tests {
                 status: Err("connect: timed out"),
                 builder_addr: builder(),
                 mean_job_secs: None,
+                agent_away: None,
             },
             input("198.18.3.12:3634", &stopped),
             input("198.18.3.13:3634", &narrow),
@@ -688,8 +716,11 @@ mod tests {
             },
         );
         let verdict = list.verdict("198.18.3.11:3634").unwrap();
-        assert!(verdict.entry.is_some());
-        assert!(verdict.warnings[0].contains("same version"), "{verdict:?}");
+        assert!(verdict.entry().is_some());
+        assert!(
+            verdict.warnings()[0].contains("same version"),
+            "{verdict:?}"
+        );
         assert_eq!(
             list.render().lines().last().unwrap(),
             "198.18.3.11:3632/3,lzo"
@@ -727,7 +758,7 @@ mod tests {
         let slots: Vec<u32> = list
             .workers
             .iter()
-            .map(|w| w.entry.as_ref().map_or(0, |e| e.slots))
+            .map(|w| w.entry().map_or(0, |e| e.slots))
             .collect();
         assert_eq!(slots, [3, 3, 0, 3, 3]);
         assert_eq!(
@@ -747,8 +778,8 @@ mod tests {
             &local(),
             &policy(),
         );
-        assert_eq!(list.workers[1].entry.as_ref().unwrap().slots, 2);
-        assert!(list.workers[1].warnings[0].contains("using 2 of 16 slots"));
+        assert_eq!(list.workers[1].entry().unwrap().slots, 2);
+        assert!(list.workers[1].warnings()[0].contains("using 2 of 16 slots"));
     }
 
     #[test]
@@ -884,25 +915,26 @@ mod tests {
             },
         );
         for w in &list.workers {
-            assert_eq!(w.entry.as_ref().unwrap().slots, MAX_WORKER_SLOTS, "{w:?}");
-            assert!(w.warnings[0].contains("using at most 1024"), "{w:?}");
+            assert_eq!(w.entry().unwrap().slots, MAX_WORKER_SLOTS, "{w:?}");
+            assert!(w.warnings()[0].contains("using at most 1024"), "{w:?}");
         }
         // 2^32 is not truncated to 0 slots (and so to the job setting).
-        assert!(list.workers[1].warnings[0].starts_with("reports 4294967295 slots"));
+        assert!(list.workers[1].warnings()[0].starts_with("reports 4294967295 slots"));
         assert_eq!(list.remote_slots(), 3 * MAX_WORKER_SLOTS);
         assert_eq!(list.total_slots(), u32::MAX);
         let many = HostList {
             workers: (0..5)
                 .map(|i| WorkerVerdict {
                     endpoint: format!("w{i}:3634"),
-                    entry: Some(HostEntry {
-                        host: format!("w{i}"),
-                        port: 3632,
-                        slots: u32::MAX / 2,
-                        lzo: false,
-                    }),
-                    excluded_reason: None,
-                    warnings: Vec::new(),
+                    verdict: Verdict::Included {
+                        entry: HostEntry {
+                            host: format!("w{i}"),
+                            port: 3632,
+                            slots: u32::MAX / 2,
+                            lzo: false,
+                        },
+                        warnings: Vec::new(),
+                    },
                 })
                 .collect(),
             local_slots: 1,
@@ -942,8 +974,8 @@ mod tests {
             &policy(),
         );
         let crowded = list.verdict("198.18.3.11:3634").unwrap();
-        assert_eq!(crowded.entry.as_ref().unwrap().slots, 2);
-        assert!(crowded.warnings[0].contains("8 compiles in flight for 4 slots; using 2"));
+        assert_eq!(crowded.entry().unwrap().slots, 2);
+        assert!(crowded.warnings()[0].contains("8 compiles in flight for 4 slots; using 2"));
         assert_eq!(
             reason(&list, "198.18.3.12:3634"),
             "overloaded: distccd has 17 compiles in flight for 4 slots"
@@ -951,8 +983,7 @@ mod tests {
         assert_eq!(
             list.verdict("198.18.3.13:3634")
                 .unwrap()
-                .entry
-                .as_ref()
+                .entry()
                 .unwrap()
                 .slots,
             4
@@ -961,15 +992,7 @@ mod tests {
         let mut blind = busy(17);
         blind.stats.as_mut().unwrap().available = false;
         let list = HostList::compute(&[input("w:3634", &blind)], &local(), &policy());
-        assert_eq!(
-            list.verdict("w:3634")
-                .unwrap()
-                .entry
-                .as_ref()
-                .unwrap()
-                .slots,
-            4
-        );
+        assert_eq!(list.verdict("w:3634").unwrap().entry().unwrap().slots, 4);
     }
 
     #[test]

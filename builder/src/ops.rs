@@ -11,6 +11,7 @@ use thiserror::Error;
 use crate::cluster::{Probe, call_within, fetch_status, status_text};
 use crate::config::AgentAccess;
 use crate::host_list::{HostList, LocalCompiler, admits, compiler_mismatches, endpoint_host};
+use crate::snapshot::WorkerSnapshot;
 use crate::untrusted::printable;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -77,8 +78,8 @@ pub fn builder_checks(
     distcc_port_open: Option<Result<(), String>>,
 ) -> Vec<CheckResult> {
     let mut checks = Vec::new();
-    let status = match &probe.status {
-        Ok(status) => status,
+    let snapshot = match &probe.status {
+        Ok(snapshot) => snapshot,
         Err(why) => {
             checks.push(CheckResult::new(
                 "agent-reachable",
@@ -96,7 +97,7 @@ pub fn builder_checks(
         "",
     ));
     if let Some(open) = distcc_port_open {
-        let port = status.settings.as_ref().map_or(3632, |s| s.port);
+        let port = snapshot.distccd_port_to_try();
         checks.push(match open {
             Ok(()) => CheckResult::new("distcc-port-reachable", true, format!("port {port} accepts connections"), ""),
             Err(e) => CheckResult::new(
@@ -107,11 +108,7 @@ pub fn builder_checks(
             ),
         });
     }
-    let allow = if status.effective_allow.is_empty() {
-        status.settings.clone().unwrap_or_default().allow
-    } else {
-        status.effective_allow.clone()
-    };
+    let allow = snapshot.allow();
     checks.push(match probe.builder_addr {
         None => CheckResult::new(
             "allowlist-admits-builder",
@@ -119,7 +116,7 @@ pub fn builder_checks(
             "no route to the worker",
             "check the builder's routes",
         ),
-        Some(addr) if admits(&allow, addr) => CheckResult::new(
+        Some(addr) if admits(allow, addr) => CheckResult::new(
             "allowlist-admits-builder",
             true,
             format!("{addr} is inside [{}]", allow.join(", ")),
@@ -132,7 +129,10 @@ pub fn builder_checks(
             "add the builder's network to [distccd] allow in the worker's agent.toml",
         ),
     });
-    let mismatches = compiler_mismatches(status, local);
+    let mismatches: Vec<String> = compiler_mismatches(snapshot, local)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     checks.push(if mismatches.is_empty() {
         CheckResult::new(
             "compilers-match",
@@ -174,7 +174,7 @@ pub async fn validate_one(
     operation_deadline: Duration,
 ) -> WorkerChecks {
     let mut checks = Vec::new();
-    if let Ok(status) = &probe.status {
+    if let Ok(snapshot) = &probe.status {
         let agent = call_within(
             &probe.endpoint,
             access,
@@ -203,10 +203,9 @@ pub async fn validate_one(
                 "see the agent's journal",
             )),
         }
-        let port = status.settings.as_ref().map_or(3632, |s| s.port);
         let open = tcp_open(
             endpoint_host(&probe.endpoint),
-            u16::try_from(port).unwrap_or(3632),
+            snapshot.distccd_port_to_try(),
             deadline,
         )
         .await;
@@ -249,17 +248,12 @@ pub async fn smoketest_one(
         compile_ok_after: after,
     };
     let before = match fetch_status(endpoint, access, deadline).await {
-        Ok(status) => status,
+        Ok(status) => WorkerSnapshot::new(status),
         Err(e) => return result(false, format!("agent unreachable: {e}"), None, None),
     };
-    let stats_ok = |s: &pb::WorkerStatus| {
-        s.stats
-            .as_ref()
-            .filter(|s| s.available)
-            .map(|s| s.compile_ok)
-    };
+    let stats_ok = |s: &WorkerSnapshot| s.stats().map(|s| s.compile_ok);
     let ok_before = stats_ok(&before);
-    let port = before.settings.as_ref().map_or(3632, |s| s.port);
+    let port = before.distccd_port_to_try();
     let host = format!("{}:{port}/1", endpoint_host(endpoint));
     let compiled = compile_remotely(&host, operation_deadline).await;
     if let Err(e) = compiled {
@@ -285,6 +279,7 @@ pub async fn smoketest_one(
         ok_after = fetch_status(endpoint, access, deadline)
             .await
             .ok()
+            .map(WorkerSnapshot::new)
             .as_ref()
             .and_then(stats_ok);
         if ok_after.is_some_and(|after| after > ok_before) {
@@ -499,10 +494,10 @@ mod tests {
     fn builder_checks_explain_failures() {
         let probe = Probe {
             endpoint: "198.18.0.11:3634".into(),
-            status: Ok(pb::WorkerStatus {
+            status: Ok(WorkerSnapshot::new(pb::WorkerStatus {
                 effective_allow: vec!["198.18.9.0/24".into()],
                 ..Default::default()
-            }),
+            })),
             latency: Duration::from_millis(3),
             builder_addr: Some("198.18.0.1".parse().unwrap()),
         };

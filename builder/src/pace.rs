@@ -22,7 +22,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use distcc_proto::v1 as pb;
+use crate::snapshot::WorkerSnapshot;
 
 /// How much history one estimate uses.
 pub const WINDOW: Duration = Duration::from_secs(20);
@@ -56,12 +56,12 @@ pub struct PaceTracker {
 
 impl PaceTracker {
     /// Add a status; statuses without stats, or older than the last one, are ignored.
-    pub fn observe(&mut self, status: &pb::WorkerStatus) {
-        let Some(stats) = status.stats.as_ref().filter(|s| s.available) else {
+    pub fn observe(&mut self, worker: &WorkerSnapshot) {
+        let Some(stats) = worker.stats() else {
             return;
         };
         let sample = Sample {
-            at_usec: status.taken_at_usec,
+            at_usec: worker.taken_at_usec(),
             finished: stats.compile_ok + stats.compile_error,
             running: stats.jobs_running,
         };
@@ -155,9 +155,10 @@ pub fn median(values: &mut [f64]) -> Option<f64> {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use distcc_proto::v1 as pb;
 
-    fn status(at_secs: f64, ok: u64, running: u32) -> pb::WorkerStatus {
-        pb::WorkerStatus {
+    fn status(at_secs: f64, ok: u64, running: u32) -> WorkerSnapshot {
+        WorkerSnapshot::new(pb::WorkerStatus {
             taken_at_usec: (at_secs * 1e6) as u64,
             stats: Some(pb::DistccdStats {
                 available: true,
@@ -166,7 +167,7 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
-        }
+        })
     }
 
     #[test]

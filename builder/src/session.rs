@@ -139,8 +139,11 @@ pub fn preflight(
     let mismatched: Vec<String> = probes
         .iter()
         .filter_map(|p| {
-            let status = p.status.as_ref().ok()?;
-            let problems = compiler_mismatches(status, local);
+            let snapshot = p.status.as_ref().ok()?;
+            let problems: Vec<String> = compiler_mismatches(snapshot, local)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             (!problems.is_empty()).then(|| format!("{}: {}", p.endpoint, problems.join("; ")))
         })
         .collect();
@@ -182,7 +185,7 @@ pub fn preflight(
     let ready: Vec<&str> = list
         .workers
         .iter()
-        .filter(|w| w.entry.is_some())
+        .filter(|w| w.entry().is_some())
         .map(|w| w.endpoint.as_str())
         .collect();
     checks.push(if ready.is_empty() {
@@ -193,11 +196,7 @@ pub fn preflight(
                 list.workers.len(),
                 list.workers
                     .iter()
-                    .filter_map(|w| Some(format!(
-                        "{}: {}",
-                        w.endpoint,
-                        w.excluded_reason.as_ref()?
-                    )))
+                    .filter_map(|w| Some(format!("{}: {}", w.endpoint, w.exclusion()?)))
                     .collect::<Vec<_>>()
                     .join(" | ")
             ),
@@ -278,19 +277,28 @@ pub fn shell_quote(value: &str) -> String {
 mod tests {
     use super::*;
     use crate::host_list::{HostEntry, WorkerVerdict};
+    use crate::verdict::{Exclusion, Verdict};
 
     fn list(included: bool) -> HostList {
         HostList {
             workers: vec![WorkerVerdict {
                 endpoint: "198.18.0.11:3634".into(),
-                entry: included.then(|| HostEntry {
-                    host: "198.18.0.11".into(),
-                    port: 3632,
-                    slots: 3,
-                    lzo: true,
-                }),
-                excluded_reason: (!included).then(|| "distccd is failed (failed)".to_owned()),
-                warnings: Vec::new(),
+                verdict: if included {
+                    Verdict::Included {
+                        entry: HostEntry {
+                            host: "198.18.0.11".into(),
+                            port: 3632,
+                            slots: 3,
+                            lzo: true,
+                        },
+                        warnings: Vec::new(),
+                    }
+                } else {
+                    Verdict::Excluded(Exclusion::Inactive {
+                        active_state: "failed".into(),
+                        sub_state: "failed".into(),
+                    })
+                },
             }],
             local_slots: 2,
         }

@@ -1,35 +1,38 @@
 //! Live steering: follow every worker's `WatchStatus` stream and rewrite the session's
 //! hosts file whenever the host list changes, so a running build stops sending work to a
 //! worker that went away and uses it again when it comes back (distcc re-reads the file
-//! on every compile).
+//! on every compile). Each worker's decisions are its [`Track`]'s; this module runs the
+//! I/O they ask for (port checks, cuts) and the streams.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use distcc_proto::v1 as pb;
-use std::collections::BTreeSet;
-
 use tokio::sync::{mpsc, watch};
 
-use crate::cluster::{
-    Client, Probe, WorkerView, connect, host_list, source_address, status_text, view,
-};
+use crate::cluster::{Client, Probe, WorkerView, connect, source_address, status_text, views};
 use crate::config::AgentAccess;
-use crate::failover::{CutScope, PortCheck, check_port, cut_connections};
-use crate::host_list::{HostEntry, HostList, LocalCompiler, Policy, WorkerInput, write_atomically};
-use crate::pace::PaceTracker;
-use crate::untrusted;
+use crate::failover::{CutScope, check_machine, cut_connections};
+use crate::host_list::{
+    HostEntry, HostList, LocalCompiler, Policy, endpoint_host, write_atomically,
+};
+use crate::snapshot::WorkerSnapshot;
+use crate::track::{CutCause, SendPeriod, Track, TrackAction, TrackEvent, TrackReport};
+use crate::verdict::Verdict;
 
 /// How the session follows the workers.
 #[derive(Debug, Clone)]
 pub struct SteeringConfig {
     pub access: AgentAccess,
-    /// Bound on connecting and on one RPC; also how long distccd's port may take to
+    /// Bound on connecting and on one RPC; also how long the machine's ports may take to
     /// answer before a worker whose stream broke counts as lost.
     pub deadline: Duration,
-    /// The agents send a status at least this often.
+    /// The interval asked of the agents' status streams (they send one at least this
+    /// often when idle; the stale bound follows what they really do, see
+    /// [`crate::track::SendPeriod`]).
     pub interval: Duration,
     pub local: Vec<LocalCompiler>,
     pub policy: Policy,
@@ -38,7 +41,7 @@ pub struct SteeringConfig {
     /// once.
     pub cuts: CutPolicy,
     /// Where to publish every worker's latest status and the host list, after each batch
-    /// of statuses (the daemon answers users' `status`/`hosts` from it).
+    /// of events (the daemon answers users' `status`/`hosts` from it).
     pub survey: Option<watch::Sender<Arc<Survey>>>,
 }
 
@@ -97,18 +100,7 @@ pub struct Survey {
 impl Survey {
     /// One row per worker, as `status --json` writes it.
     pub fn views(&self) -> Vec<WorkerView> {
-        self.probes
-            .iter()
-            .map(|p| view(p, self.list.verdict(&p.endpoint)))
-            .collect()
-    }
-}
-
-impl SteeringConfig {
-    /// A stream silent for this long is treated as a dead worker (a cut link sends
-    /// nothing, not even an error).
-    fn stale_after(&self) -> Duration {
-        (self.interval * 3).max(self.deadline)
+        views(&self.probes, &self.list)
     }
 }
 
@@ -126,7 +118,7 @@ pub enum SteeringEvent<'a> {
         distccd: SocketAddr,
         /// Why the agent's stream counts as broken.
         stream: &'a str,
-        /// What the distcc port said.
+        /// What the machine's ports said ([`crate::failover::MachinePorts::describe`]).
         port: &'a str,
         /// How many connections `ss` aborted, or why it could not.
         result: &'a Result<usize, String>,
@@ -140,6 +132,21 @@ pub enum SteeringEvent<'a> {
         reason: &'a str,
         result: &'a Result<usize, String>,
     },
+    /// A worker's stream broke while its distccd answers: kept, connections untouched.
+    AgentAway {
+        endpoint: &'a str,
+        distccd: SocketAddr,
+        why: &'a str,
+    },
+    /// Statuses again after [`SteeringEvent::AgentAway`].
+    AgentBack { endpoint: &'a str },
+    /// A worker's stream broke and distccd's port is silent, but the machine answers on
+    /// the agent's port: left out of the host list, connections untouched.
+    MachineUp {
+        endpoint: &'a str,
+        why: &'a str,
+        ports: &'a str,
+    },
 }
 
 impl SteeringEvent<'_> {
@@ -150,6 +157,9 @@ impl SteeringEvent<'_> {
             SteeringEvent::HostsChanged { .. } => "hosts_changed",
             SteeringEvent::ConnectionsCut { .. } => "lost",
             SteeringEvent::SlowCut { .. } => "slow_cut",
+            SteeringEvent::AgentAway { .. } => "agent_away",
+            SteeringEvent::AgentBack { .. } => "agent_back",
+            SteeringEvent::MachineUp { .. } => "machine_up",
         }
     }
 
@@ -159,16 +169,16 @@ impl SteeringEvent<'_> {
             SteeringEvent::HostsChanged { before, after } => describe_change(before, after),
             SteeringEvent::ConnectionsCut {
                 endpoint,
-                distccd,
                 stream,
                 port,
                 result,
+                ..
             } => vec![match result {
-                Ok(n) => format!(
-                    "{endpoint}: lost ({stream}; distcc port {distccd}: {port}): aborted {n} connections to it"
-                ),
+                Ok(n) => {
+                    format!("{endpoint}: lost ({stream}; {port}): aborted {n} connections to it")
+                }
                 Err(e) => format!(
-                    "{endpoint}: lost ({stream}; distcc port {distccd}: {port}): could not abort its connections: {e}"
+                    "{endpoint}: lost ({stream}; {port}): could not abort its connections: {e}"
                 ),
             }],
             SteeringEvent::SlowCut {
@@ -184,30 +194,35 @@ impl SteeringEvent<'_> {
                     "{endpoint}: {reason}: could not abort the connections to {distccd}: {e}"
                 ),
             }],
+            SteeringEvent::AgentAway {
+                endpoint,
+                distccd,
+                why,
+            } => vec![format!(
+                "{endpoint}: agent away ({why}); distcc port {distccd} answers: kept in the host list, connections left alone"
+            )],
+            SteeringEvent::AgentBack { endpoint } => vec![format!("{endpoint}: agent back")],
+            SteeringEvent::MachineUp {
+                endpoint,
+                why,
+                ports,
+            } => vec![format!(
+                "{endpoint}: agent stream broke ({why}); {ports}: the machine answers (distccd's accept queue may be full): left out, connections left alone"
+            )],
         }
     }
 }
 
-/// The outcome of one confirm-and-cut attempt on a worker.
-struct Cut {
-    index: usize,
-    distccd: SocketAddr,
-    stream: String,
-    port: PortCheck,
-    result: Option<Result<usize, String>>,
-}
-
 /// Follow the workers forever (until dropped; it never returns, even with no worker),
-/// starting from `probes`, reporting each rewrite of the hosts file and each cut.
+/// starting from `probes`, reporting each rewrite of the hosts file and each fact of
+/// [`SteeringEvent`].
 pub async fn steer(
     config: SteeringConfig,
-    mut probes: Vec<Probe>,
+    probes: Vec<Probe>,
     mut report: impl FnMut(SteeringEvent<'_>),
 ) {
     let config = Arc::new(config);
-    let (updates, mut received) = mpsc::channel::<(usize, Probe)>(64);
-    let (cut_done, mut cuts) = mpsc::channel::<Cut>(16);
-    let (slow_done, mut slow_cuts) = mpsc::channel::<SlowCut>(16);
+    let (events, mut received) = mpsc::channel::<(usize, TrackEvent)>(64);
     let followers: Vec<_> = probes
         .iter()
         .enumerate()
@@ -216,118 +231,60 @@ pub async fn steer(
                 index,
                 probe.endpoint.clone(),
                 config.clone(),
-                updates.clone(),
+                events.clone(),
             ))
         })
         .collect();
     // Abort the followers when this future is dropped.
     let _abort = AbortOnDrop(followers);
-    drop(updates);
-    let mut current = host_list(&probes, &config.local, &config.policy);
-    // How fast each worker turns compiles around, to leave stragglers out.
-    let mut paces = vec![PaceTracker::default(); probes.len()];
+    if probes.is_empty() {
+        // No worker configured: nothing to follow, but the caller's select! must not see
+        // an end (a finished future must not be polled again).
+        std::future::pending::<()>().await;
+    }
+    let mut tracks: Vec<Track> = probes.into_iter().map(Track::new).collect();
+    let mut current = judge(&tracks, &config);
+    for (track, verdict) in tracks.iter_mut().zip(&current.workers) {
+        // Nothing was included before: no action.
+        let _ = track.on(TrackEvent::Judged(verdict.verdict.clone()));
+    }
     let mut written = current.render();
-    // Where each worker's distccd was last seen serving: what to cut if it is lost.
-    let mut last_entries: Vec<Option<HostEntry>> =
-        current.workers.iter().map(|w| w.entry.clone()).collect();
-    let mut cutting = vec![false; probes.len()];
-    // One log line per loss, plus one per cut that found connections.
-    let mut loss_reported = vec![false; probes.len()];
+    // The agent-away grace is counted on ticks.
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (index, probe) = tokio::select! {
-            update = received.recv() => match update {
-                Some(update) => update,
-                None => break,
-            },
-            Some(cut) = cuts.recv() => {
-                cutting[cut.index] = false;
-                if let Some(result) = cut.result {
-                    let found = matches!(result, Ok(n) if n > 0);
-                    if found || !loss_reported[cut.index] {
-                        loss_reported[cut.index] = true;
-                        report(SteeringEvent::ConnectionsCut {
-                            endpoint: &probes[cut.index].endpoint,
-                            distccd: cut.distccd,
-                            stream: &cut.stream,
-                            port: &port_text(&cut.port),
-                            result: &result,
-                        });
-                    }
-                }
-                continue;
+        let mut batch = Vec::new();
+        tokio::select! {
+            Some(event) = received.recv() => batch.push(event),
+            _ = ticks.tick() => {
+                let now = Instant::now();
+                batch.extend((0..tracks.len()).map(|i| (i, TrackEvent::Tick(now))));
             }
-            Some(cut) = slow_cuts.recv() => {
-                report(SteeringEvent::SlowCut {
-                    endpoint: &probes[cut.index].endpoint,
-                    distccd: cut.distccd,
-                    reason: &cut.reason,
-                    result: &cut.result,
-                });
-                continue;
-            }
-        };
-        let mut batch = vec![(index, probe)];
+        }
         // Drain what else is queued: one rewrite for a burst of updates.
-        while let Ok(update) = received.try_recv() {
-            batch.push(update);
+        while let Ok(event) = received.try_recv() {
+            batch.push(event);
         }
-        for (index, probe) in batch {
-            if let Err(why) = &probe.status {
-                if config.cuts.lost
-                    && !cutting[index]
-                    && let Some(entry) = &last_entries[index]
-                {
-                    cutting[index] = true;
-                    tokio::spawn(confirm_and_cut(
-                        index,
-                        entry.clone(),
-                        why.clone(),
-                        config.deadline,
-                        cut_done.clone(),
-                    ));
-                }
-            } else {
-                loss_reported[index] = false;
-            }
-            if let Ok(status) = &probe.status {
-                paces[index].observe(status);
-            }
-            probes[index] = probe;
+        for (index, event) in batch {
+            let actions = tracks[index].on(event);
+            act(index, actions, &tracks, &config, &events, &mut report);
         }
-        let next = paced_host_list(&probes, &paces, &config);
+        let next = judge(&tracks, &config);
+        for (index, verdict) in next.workers.iter().enumerate() {
+            let actions = tracks[index].on(TrackEvent::Judged(verdict.verdict.clone()));
+            act(index, actions, &tracks, &config, &events, &mut report);
+        }
         if let Some(survey) = &config.survey {
             survey.send_replace(Arc::new(Survey {
-                probes: probes.clone(),
+                probes: tracks.iter().map(Track::probe).collect(),
                 list: next.clone(),
             }));
-        }
-        for (index, (was, now)) in current.workers.iter().zip(&next.workers).enumerate() {
-            if let (Some(entry), Some(reason)) = (&was.entry, &now.excluded_reason)
-                && reason.starts_with("slow:")
-                && let Some(scope) = config.cuts.slow.scope()
-            {
-                tokio::spawn(cut_slow(
-                    index,
-                    entry.clone(),
-                    reason.clone(),
-                    scope,
-                    slow_done.clone(),
-                ));
-            }
-        }
-        for (last, verdict) in last_entries.iter_mut().zip(&next.workers) {
-            if verdict.entry.is_some() {
-                last.clone_from(&verdict.entry);
-            }
         }
         let text = next.render();
         if text != written {
             if let Err(e) = write_atomically(&config.hosts_file, &text) {
                 // Keep the old file (still valid) and retry on the next update.
-                eprintln!(
-                    "builderctl: cannot rewrite {}: {e}",
-                    config.hosts_file.display()
-                );
+                tracing::warn!("cannot rewrite {}: {e}", config.hosts_file.display());
                 continue;
             }
             report(SteeringEvent::HostsChanged {
@@ -338,118 +295,126 @@ pub async fn steer(
             current = next;
         }
     }
-    // No worker configured: nothing to follow, but the caller's select! must not see an
-    // end (a finished future must not be polled again).
-    std::future::pending::<()>().await;
 }
 
-/// The host list with each worker's measured pace (see [`crate::pace`]).
-fn paced_host_list(probes: &[Probe], paces: &[PaceTracker], config: &SteeringConfig) -> HostList {
+/// The host list from every track, with each worker's measured pace.
+fn judge(tracks: &[Track], config: &SteeringConfig) -> HostList {
     let now_usec = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-    let inputs: Vec<WorkerInput<'_>> = probes
-        .iter()
-        .zip(paces)
-        .map(|(probe, pace)| WorkerInput {
-            mean_job_secs: pace.mean_job_secs(now_usec),
-            ..probe.input()
-        })
-        .collect();
+    let inputs: Vec<_> = tracks.iter().map(|t| t.input(now_usec)).collect();
     HostList::compute(&inputs, &config.local, &config.policy)
 }
 
-fn port_text(check: &PortCheck) -> String {
-    match check {
-        PortCheck::Answers => "answers".to_owned(),
-        PortCheck::Refused(why) => format!("refused: {why}"),
-        PortCheck::Silent(why) => format!("silent: {why}"),
+/// Run one track's actions: I/O is spawned and answers as a [`TrackEvent`] on `events`.
+fn act(
+    index: usize,
+    actions: Vec<TrackAction>,
+    tracks: &[Track],
+    config: &Arc<SteeringConfig>,
+    events: &mpsc::Sender<(usize, TrackEvent)>,
+    report: &mut impl FnMut(SteeringEvent<'_>),
+) {
+    let endpoint = tracks[index].endpoint();
+    for action in actions {
+        tracing::debug!(endpoint, ?action, "steering");
+        match action {
+            TrackAction::CheckPorts { distccd } => {
+                let (endpoint, events, deadline) =
+                    (endpoint.to_owned(), events.clone(), config.deadline);
+                tokio::spawn(async move {
+                    let distccd = distccd_address(&distccd).await;
+                    let agent = resolve(&endpoint).await;
+                    let ports = check_machine(distccd, agent, deadline).await;
+                    let at = Instant::now();
+                    let _ = events
+                        .send((index, TrackEvent::PortsChecked { ports, at }))
+                        .await;
+                });
+            }
+            TrackAction::Cut { distccd, cause } => {
+                let scope = match &cause {
+                    CutCause::Lost { .. } => config.cuts.lost.then_some(CutScope::All),
+                    CutCause::Slow { .. } => config.cuts.slow.scope(),
+                };
+                let Some(scope) = scope else {
+                    tracing::info!(endpoint, ?cause, "not aborting connections (not asked to)");
+                    continue;
+                };
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let distccd = distccd_address(&distccd).await;
+                    let result = cut_connections(distccd, &scope)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let done = TrackEvent::CutDone {
+                        cause,
+                        distccd,
+                        result,
+                    };
+                    let _ = events.send((index, done)).await;
+                });
+            }
+            TrackAction::Report(fact) => {
+                let event = match &fact {
+                    TrackReport::AgentAway { why, distccd } => SteeringEvent::AgentAway {
+                        endpoint,
+                        distccd: *distccd,
+                        why,
+                    },
+                    TrackReport::AgentBack => SteeringEvent::AgentBack { endpoint },
+                    TrackReport::MachineUp { why, ports } => SteeringEvent::MachineUp {
+                        endpoint,
+                        why,
+                        ports: &ports.describe(),
+                    },
+                    TrackReport::Lost { why, ports, result } => SteeringEvent::ConnectionsCut {
+                        endpoint,
+                        distccd: ports.distccd,
+                        stream: why,
+                        port: &ports.describe(),
+                        result,
+                    },
+                    TrackReport::SlowCut {
+                        why,
+                        distccd,
+                        result,
+                    } => SteeringEvent::SlowCut {
+                        endpoint,
+                        distccd: *distccd,
+                        reason: &why.to_string(),
+                        result,
+                    },
+                };
+                report(event);
+            }
+        }
     }
 }
 
-/// A worker's agent stream broke: if its distcc port is silent too, abort the builder's
-/// connections to it. Runs again on every failed reconnect while the worker stays lost,
-/// which also catches compiles that started connecting before the hosts file changed.
-async fn confirm_and_cut(
-    index: usize,
-    entry: HostEntry,
-    stream: String,
-    bound: Duration,
-    done: mpsc::Sender<Cut>,
-) {
-    let Some(distccd) = distccd_address(&entry).await else {
-        let _ = done
-            .send(Cut {
-                index,
-                distccd: SocketAddr::from(([0, 0, 0, 0], entry.port)),
-                stream,
-                port: PortCheck::Silent("name does not resolve".to_owned()),
-                result: None,
-            })
-            .await;
-        return;
-    };
-    let port = check_port(distccd, bound).await;
-    let result = if port.confirms_loss() {
-        Some(
-            cut_connections(distccd, &CutScope::All)
-                .await
-                .map_err(|e| e.to_string()),
-        )
-    } else {
-        None
-    };
-    let _ = done
-        .send(Cut {
-            index,
-            distccd,
-            stream,
-            port,
-            result,
-        })
-        .await;
-}
-
-/// The address of a hosts-file entry's distccd (what `ss -K` matches), if it resolves.
-async fn distccd_address(entry: &HostEntry) -> Option<SocketAddr> {
+/// The address of a hosts-file entry's distccd (what `ss -K` matches and the port check
+/// asks); one that does not resolve is the unspecified address, which nothing answers.
+async fn distccd_address(entry: &HostEntry) -> SocketAddr {
     tokio::net::lookup_host((entry.host.as_str(), entry.port))
         .await
         .ok()
         .and_then(|mut addrs| addrs.next())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], entry.port)))
 }
 
-/// The outcome of aborting the connections to a worker judged slow.
-struct SlowCut {
-    index: usize,
-    distccd: SocketAddr,
-    reason: String,
-    result: Result<usize, String>,
-}
-
-/// A worker just left the host list as slow: abort this builder's connections to it, so
-/// the compiles in flight there fail over to local ones (as for a lost worker) instead of
-/// holding the build back. The worker itself is fine; it only finishes late.
-async fn cut_slow(
-    index: usize,
-    entry: HostEntry,
-    reason: String,
-    scope: CutScope,
-    done: mpsc::Sender<SlowCut>,
-) {
-    let Some(distccd) = distccd_address(&entry).await else {
-        return;
-    };
-    let result = cut_connections(distccd, &scope)
-        .await
-        .map_err(|e| e.to_string());
-    let _ = done
-        .send(SlowCut {
-            index,
-            distccd,
-            reason,
-            result,
-        })
-        .await;
+/// The agent's address, from its endpoint `host:port`.
+async fn resolve(endpoint: &str) -> SocketAddr {
+    let port = endpoint
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(0);
+    distccd_address(&HostEntry {
+        host: endpoint_host(endpoint).to_owned(),
+        port,
+        slots: 0,
+        lzo: false,
+    })
+    .await
 }
 
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
@@ -467,12 +432,12 @@ async fn follow(
     index: usize,
     endpoint: String,
     config: Arc<SteeringConfig>,
-    updates: mpsc::Sender<(usize, Probe)>,
+    events: mpsc::Sender<(usize, TrackEvent)>,
 ) {
     let interval_ms = u32::try_from(config.interval.as_millis()).unwrap_or(u32::MAX);
+    let mut period = SendPeriod::default();
     loop {
-        let started = Instant::now();
-        let failure = match tokio::time::timeout(
+        let why = match tokio::time::timeout(
             config.deadline,
             connect(&endpoint, &config.access, config.deadline),
         )
@@ -480,15 +445,22 @@ async fn follow(
         {
             Err(_) => format!("no answer within {:?}", config.deadline),
             Ok(Err(e)) => e,
-            Ok(Ok(client)) => watch(index, &endpoint, client, interval_ms, &config, &updates).await,
+            Ok(Ok(client)) => {
+                let stream = Stream {
+                    index,
+                    endpoint: &endpoint,
+                    config: &config,
+                    events: &events,
+                };
+                stream.watch(client, interval_ms, &mut period).await
+            }
         };
-        let probe = Probe {
-            endpoint: endpoint.clone(),
-            status: Err(failure),
-            latency: started.elapsed(),
-            builder_addr: None,
-        };
-        if updates.send((index, probe)).await.is_err() {
+        tracing::debug!(endpoint, why, "status stream broke");
+        if events
+            .send((index, TrackEvent::StreamBroke { why }))
+            .await
+            .is_err()
+        {
             return;
         }
         // Retry soon: a worker that comes back should be used again within seconds.
@@ -496,58 +468,65 @@ async fn follow(
     }
 }
 
-/// Report statuses until the stream fails; returns why.
-async fn watch(
+/// One status stream of one worker.
+struct Stream<'a> {
     index: usize,
-    endpoint: &str,
-    mut client: Client,
-    interval_ms: u32,
-    config: &SteeringConfig,
-    updates: &mpsc::Sender<(usize, Probe)>,
-) -> String {
-    let request = pb::WatchStatusRequest { interval_ms };
-    let mut stream = match tokio::time::timeout(config.deadline, client.watch_status(request)).await
-    {
-        Err(_) => return format!("no answer within {:?}", config.deadline),
-        Ok(Err(status)) => return status_text(&status),
-        Ok(Ok(response)) => response.into_inner(),
-    };
-    let mut builder_addr = None;
-    loop {
-        let started = Instant::now();
-        let mut status = match tokio::time::timeout(config.stale_after(), stream.message()).await {
-            Err(_) => return format!("no status for {:?}", config.stale_after()),
-            Ok(Err(status)) => return status_text(&status),
-            Ok(Ok(None)) => return "the agent ended the status stream".to_owned(),
-            Ok(Ok(Some(status))) => untrusted::cleaned(status),
-        };
-        // The stream does not run compilers; a compiler it has not described yet (new or
-        // changed binary) is described by one full Status call.
-        if needs_compiler_refresh(&status, &config.local) {
-            let full = client.status(pb::StatusRequest {
-                skip_compilers: false,
-            });
-            if let Ok(Ok(response)) = tokio::time::timeout(config.deadline, full).await {
-                status = untrusted::cleaned(response.into_inner());
+    endpoint: &'a str,
+    config: &'a SteeringConfig,
+    events: &'a mpsc::Sender<(usize, TrackEvent)>,
+}
+
+impl Stream<'_> {
+    /// Report statuses until the stream fails; returns why.
+    async fn watch(&self, mut client: Client, interval_ms: u32, period: &mut SendPeriod) -> String {
+        let config = self.config;
+        let request = pb::WatchStatusRequest { interval_ms };
+        let mut stream =
+            match tokio::time::timeout(config.deadline, client.watch_status(request)).await {
+                Err(_) => return format!("no answer within {:?}", config.deadline),
+                Ok(Err(status)) => return status_text(&status),
+                Ok(Ok(response)) => response.into_inner(),
+            };
+        period.restart();
+        let mut builder_addr = None;
+        loop {
+            let started = Instant::now();
+            let stale_after = period.stale_after(config.interval, config.deadline);
+            let mut status = match tokio::time::timeout(stale_after, stream.message()).await {
+                Err(_) => return format!("no status for {stale_after:?}"),
+                Ok(Err(status)) => return status_text(&status),
+                Ok(Ok(None)) => return "the agent ended the status stream".to_owned(),
+                Ok(Ok(Some(status))) => status,
+            };
+            period.observe(Instant::now());
+            // The stream does not run compilers; a compiler it has not described yet (new
+            // or changed binary) is described by one full Status call.
+            if needs_compiler_refresh(&status, &config.local) {
+                let full = client.status(pb::StatusRequest {
+                    skip_compilers: false,
+                });
+                if let Ok(Ok(response)) = tokio::time::timeout(config.deadline, full).await {
+                    status = response.into_inner();
+                }
             }
-        }
-        let port = status
-            .settings
-            .as_ref()
-            .and_then(|s| u16::try_from(s.port).ok())
-            .filter(|p| *p != 0)
-            .unwrap_or(3632);
-        if builder_addr.is_none() {
-            builder_addr = source_address(endpoint, port).await;
-        }
-        let probe = Probe {
-            endpoint: endpoint.to_owned(),
-            status: Ok(status),
-            latency: started.elapsed(),
-            builder_addr,
-        };
-        if updates.send((index, probe)).await.is_err() {
-            return "session ended".to_owned();
+            let snapshot = WorkerSnapshot::new(status);
+            if builder_addr.is_none() {
+                builder_addr = source_address(self.endpoint, snapshot.distccd_port_to_try()).await;
+            }
+            let probe = Probe {
+                endpoint: self.endpoint.to_owned(),
+                status: Ok(snapshot),
+                latency: started.elapsed(),
+                builder_addr,
+            };
+            if self
+                .events
+                .send((self.index, TrackEvent::Status(Box::new(probe))))
+                .await
+                .is_err()
+            {
+                return "session ended".to_owned();
+            }
         }
     }
 }
@@ -569,22 +548,18 @@ pub fn describe_change(before: &HostList, after: &HostList) -> Vec<String> {
         .iter()
         .filter_map(|now| {
             let was = before.verdict(&now.endpoint);
-            // A reason whose figures changed ("slow: compiles take 19.0 s here, 1.5 s
+            // An exclusion whose figures changed ("slow: compiles take 19.0 s here, 1.5 s
             // ...") is the same decision: one line per change of kind, not per status.
-            let kind = |reason: &Option<String>| {
-                reason
-                    .as_deref()
-                    .map(|r| r.split(':').next().unwrap_or(r).to_owned())
-            };
-            if was.map(|w| (&w.entry, kind(&w.excluded_reason)))
-                == Some((&now.entry, kind(&now.excluded_reason)))
+            if was.map(|w| (w.entry(), w.excluded_kind()))
+                == Some((now.entry(), now.excluded_kind()))
             {
                 return None;
             }
-            Some(match (&now.entry, &now.excluded_reason) {
-                (Some(entry), _) => format!("{}: in, {}", now.endpoint, entry.render()),
-                (None, Some(reason)) => format!("{}: out, {reason}", now.endpoint),
-                (None, None) => format!("{}: out", now.endpoint),
+            Some(match &now.verdict {
+                Verdict::Included { entry, .. } => {
+                    format!("{}: in, {}", now.endpoint, entry.render())
+                }
+                Verdict::Excluded(why) => format!("{}: out, {why}", now.endpoint),
             })
         })
         .collect()

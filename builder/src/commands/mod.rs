@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use distcc_builder::cluster::{Probe, WorkerView, host_list, probe_all, view};
+use distcc_builder::cluster::{Probe, host_list, probe_all};
 use distcc_builder::config::BuilderConfig;
 use distcc_builder::host_list::{HostList, LocalCompiler, Policy};
 use distcc_builder::local;
@@ -68,13 +68,6 @@ pub fn exit_for(all_fine: bool) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-pub fn views(probes: &[Probe], list: &HostList) -> Vec<WorkerView> {
-    probes
-        .iter()
-        .map(|p| view(p, list.verdict(&p.endpoint)))
-        .collect()
 }
 
 /// `{"workers": [...]}`, the stable JSON shape of every per-worker report.

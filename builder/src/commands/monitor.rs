@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use distcc_builder::state_files;
 
-use super::{BuilderSetup, views};
+use distcc_builder::cluster::views;
+
+use super::BuilderSetup;
 
 pub async fn run(
     setup: &BuilderSetup,

@@ -4,9 +4,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use distcc_builder::cluster::WorkerView;
+use distcc_builder::cluster::{WorkerView, views};
 
-use super::{BuilderSetup, exit_for, print_workers_json, views};
+use super::{BuilderSetup, exit_for, print_workers_json};
 
 pub async fn run(setup: &BuilderSetup, json: bool, watch: bool) -> anyhow::Result<ExitCode> {
     // Compilers are compared only when they can be described; status must work on a
