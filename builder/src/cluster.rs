@@ -14,13 +14,13 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::{AgentAccess, Transport, Trust};
+use crate::exclusion::{Exclusion, ExclusionKind};
 use crate::host_list::{
     HostList, LocalCompiler, Policy, WorkerInput, WorkerVerdict, endpoint_host,
 };
 use crate::snapshot::{DEFAULT_DISTCCD_PORT, WorkerSnapshot, saturating_u32};
 use crate::trust::{CertificateCapture, KnownWorkers};
 use crate::untrusted::{self, printable};
-use crate::verdict::{Exclusion, ExclusionKind};
 
 /// One worker as the builder sees it. Serialised as the stable JSON of `status --json`.
 #[derive(Debug, Clone, Serialize, PartialEq)]

@@ -11,10 +11,10 @@ use std::path::Path;
 use ipnet::IpNet;
 use serde::Serialize;
 
+use crate::exclusion::{CompilerProblem, Exclusion, ExclusionKind, ListenProblem};
 use crate::pace::{median, slow_share};
 use crate::snapshot::WorkerSnapshot;
 use crate::untrusted::printable;
-use crate::verdict::{CompilerProblem, Exclusion, ExclusionKind, ListenProblem, Verdict};
 
 /// The most slots one worker gets, whatever it claims: the agent's own ceiling on
 /// distccd's `--jobs`. `make -j` is the sum over the workers, so a worker announcing
@@ -87,6 +87,18 @@ impl HostEntry {
         }
         line
     }
+}
+
+/// In the host list (with what is worth knowing) or out, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Included {
+        entry: HostEntry,
+        /// Included despite something worth knowing (a compiler mismatch with
+        /// `allow_mismatch`, fewer slots than distccd has...).
+        warnings: Vec<String>,
+    },
+    Excluded(Exclusion),
 }
 
 /// The decision about one worker. Serialised flat, as `hosts --json` writes it:

@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod exclusion;
 pub mod failover;
 pub mod fuzzing;
 pub mod host_list;
@@ -19,5 +20,4 @@ pub mod steer;
 pub mod track;
 pub mod trust;
 pub mod untrusted;
-pub mod verdict;
 pub mod workspace;

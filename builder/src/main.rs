@@ -2,6 +2,7 @@
 //! line and dispatches; each command lives in `commands/`, the logic in the library.
 
 mod commands;
+mod logging;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +28,9 @@ struct Options {
     /// Include workers whose compilers differ from this builder's.
     #[arg(long, global = true)]
     allow_mismatch: bool,
+    /// More diagnostics on stderr (or the journal): -v info, -vv debug, -vvv trace.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -143,6 +147,10 @@ fn main() -> ExitCode {
 }
 
 fn run(options: Options) -> anyhow::Result<ExitCode> {
+    logging::init(
+        options.verbose,
+        matches!(options.command, Command::Daemon { .. }),
+    );
     match options.command {
         // Packaging runs these at build time, where no configuration exists.
         Command::Completions { shell } => commands::docs::completions(Options::command(), shell),

@@ -276,8 +276,9 @@ pub fn shell_quote(value: &str) -> String {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::exclusion::Exclusion;
+    use crate::host_list::Verdict;
     use crate::host_list::{HostEntry, WorkerVerdict};
-    use crate::verdict::{Exclusion, Verdict};
 
     fn list(included: bool) -> HostList {
         HostList {

@@ -16,12 +16,12 @@ use tokio::sync::{mpsc, watch};
 use crate::cluster::{Client, Probe, WorkerView, connect, source_address, status_text, views};
 use crate::config::AgentAccess;
 use crate::failover::{CutScope, check_machine, cut_connections};
+use crate::host_list::Verdict;
 use crate::host_list::{
     HostEntry, HostList, LocalCompiler, Policy, endpoint_host, write_atomically,
 };
 use crate::snapshot::WorkerSnapshot;
 use crate::track::{CutCause, SendPeriod, Track, TrackAction, TrackEvent, TrackReport};
-use crate::verdict::Verdict;
 
 /// How the session follows the workers.
 #[derive(Debug, Clone)]

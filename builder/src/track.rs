@@ -22,10 +22,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::cluster::Probe;
+use crate::exclusion::Exclusion;
 use crate::failover::{MachinePorts, PortCheck};
+use crate::host_list::Verdict;
 use crate::host_list::{HostEntry, WorkerInput};
 use crate::pace::PaceTracker;
-use crate::verdict::{Exclusion, Verdict};
 
 /// How long a worker whose agent went away stays in the host list while distccd answers
 /// (an agent restart takes a few seconds; a package upgrade, longer).

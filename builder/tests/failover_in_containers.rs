@@ -329,3 +329,102 @@ fn a_throttled_worker_leaves_the_session_as_slow_and_the_build_stays_correct() {
         String::from_utf8_lossy(&reference.stdout)
     );
 }
+
+#[test]
+fn restarting_a_workers_agent_mid_build_neither_drops_nor_cuts_it() {
+    let SlowProjectCluster {
+        _bed,
+        workers,
+        builder,
+        source,
+        marks,
+    } = SlowProjectCluster::boot();
+    std::fs::create_dir_all(marks.join("objects")).unwrap();
+    let w1 = workers[0].ip().to_string();
+
+    // The session builds, keeps the result, then waits for the test's word before it
+    // copies its steering log and ends.
+    let script = format!(
+        "set -e\n\
+         echo \"$DISTCC_DIR\" > {m}/dir.tmp && mv {m}/dir.tmp {m}/dir\n\
+         cp {src}/* .\n\
+         make -s -j\"$DISTCC_SLOTS\"\n\
+         ./prog > {m}/output\n\
+         cp *.o {m}/objects/\n\
+         touch {m}/built\n\
+         i=0; until [ -e {m}/release ]; do sleep 0.1; i=$((i+1)); [ $i -lt 600 ] || exit 4; done\n\
+         cp \"$DISTCC_DIR/steering.log\" {m}/steering.log\n",
+        m = marks.display(),
+        src = source.display(),
+    );
+    let session = builder
+        .command(&["enter", "--", "sh", "-c", &script])
+        .env_remove("DISTCC_FALLBACK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the session started", Duration::from_secs(30), || {
+        marks.join("dir").exists()
+    });
+    let distcc_dir = std::fs::read_to_string(marks.join("dir")).unwrap();
+    let steering_log = Path::new(distcc_dir.trim()).join("steering.log");
+
+    eventually("compiles in flight on w1", Duration::from_secs(60), || {
+        connections_to(&w1) >= 2
+    });
+    // Type=notify: returns once the new agent is ready. distccd is not restarted with it.
+    workers[0]
+        .exec_ok(&["systemctl", "restart", "distcc-agent"])
+        .unwrap();
+    let log_says = |what: &str| {
+        std::fs::read_to_string(&steering_log).is_ok_and(|log| {
+            log.lines()
+                .any(|l| l.contains(&format!("{w1}:3634: {what}")))
+        })
+    };
+    eventually(
+        "the session saw w1's agent go",
+        Duration::from_secs(30),
+        || log_says("agent away ("),
+    );
+    eventually(
+        "the session follows w1's agent again",
+        Duration::from_secs(60),
+        || log_says("agent back"),
+    );
+    eventually("the build finished", Duration::from_secs(240), || {
+        marks.join("built").exists()
+    });
+    std::fs::write(marks.join("release"), "").unwrap();
+    let out = session.wait_with_output().unwrap();
+    assert!(out.status.success(), "session: {}", text(&out));
+
+    let log = std::fs::read_to_string(marks.join("steering.log")).unwrap();
+    eprintln!("steering log:\n{log}");
+    for line in log.lines().filter(|l| l.contains(&format!("{w1}:3634: "))) {
+        assert!(
+            !line.contains(": lost") && !line.contains("aborted") && !line.contains(": out"),
+            "w1 was dropped or cut for an agent restart: {line}\n{log}"
+        );
+    }
+    let reference = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && make -s -j2 CC=gcc && ./prog",
+            source.display()
+        ))
+        .env_remove("DISTCC_HOSTS")
+        .output()
+        .unwrap();
+    assert!(reference.status.success(), "{}", text(&reference));
+    assert_eq!(
+        std::fs::read_to_string(marks.join("output")).unwrap(),
+        String::from_utf8_lossy(&reference.stdout)
+    );
+    for unit in std::iter::once("main".to_owned()).chain((0..UNITS).map(|u| format!("u{u}"))) {
+        let ours = std::fs::read(marks.join("objects").join(format!("{unit}.o"))).unwrap();
+        let theirs = std::fs::read(source.join(format!("{unit}.o"))).unwrap();
+        assert!(ours == theirs, "{unit}.o differs from the local build");
+    }
+}

@@ -24,7 +24,7 @@ pub async fn run(setup: &BuilderSetup, hosts_file: PathBuf) -> anyhow::Result<Ex
             hosts_file.display()
         )
     };
-    eprintln!("builderctl daemon: {}", describe(&list));
+    tracing::info!("{}", describe(&list));
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&describe(&list)),
@@ -47,7 +47,7 @@ pub async fn run(setup: &BuilderSetup, hosts_file: PathBuf) -> anyhow::Result<Ex
         probes,
         |event| {
             for line in event.describe() {
-                eprintln!("builderctl daemon: {line}");
+                tracing::info!(kind = event.kind(), "{line}");
             }
             if let SteeringEvent::HostsChanged { after, .. } = event {
                 notify(&[sd_notify::NotifyState::Status(&describe(after))]);

@@ -178,6 +178,9 @@ fn log_event(log_path: &Path, event: &SteeringEvent<'_>) {
             let _ = writeln!(log, "{stamp} {line}");
         }
     }
+    for line in event.describe() {
+        tracing::info!(kind = event.kind(), "{line}");
+    }
 }
 
 /// `$SHELL` with a visible prompt marker: bash gets an rc file that sources the user's

@@ -1,24 +1,10 @@
-//! The host list's decision about one worker, typed: decisions (what to log, when to cut)
-//! are taken on the kind, the text is only for people.
+//! Why a worker is left out of the host list, typed: decisions (what to log, when to
+//! cut) are taken on the kind, the text is only for people.
 
 use std::fmt;
 use std::net::IpAddr;
 
 use serde::Serialize;
-
-use crate::host_list::HostEntry;
-
-/// In the host list (with what is worth knowing) or out, and why.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Verdict {
-    Included {
-        entry: HostEntry,
-        /// Included despite something worth knowing (a compiler mismatch with
-        /// `allow_mismatch`, fewer slots than distccd has...).
-        warnings: Vec<String>,
-    },
-    Excluded(Exclusion),
-}
 
 /// Why a worker is not in the host list. `Display` is the reason people read (and the
 /// `excluded_reason` of the JSON); [`Exclusion::kind`] is what programs decide on.
