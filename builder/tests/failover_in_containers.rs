@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Builder, boot_cluster, eventually, text};
@@ -118,6 +118,71 @@ impl SlowProjectCluster {
     }
 }
 
+/// A session script: tell the test its `$DISTCC_DIR` (`marks/dir`), build the project,
+/// keep its output and objects in `marks` (`output`, `objects/`, then `built`), stay until
+/// the shell condition `until` holds (at most 60 s), and copy the steering log to `marks`.
+fn build_then_wait(marks: &Path, source: &Path, until: &str) -> String {
+    format!(
+        "set -e\n\
+         echo \"$DISTCC_DIR\" > {m}/dir.tmp && mv {m}/dir.tmp {m}/dir\n\
+         cp {src}/* .\n\
+         make -s -j\"$DISTCC_SLOTS\"\n\
+         ./prog > {m}/output\n\
+         cp *.o {m}/objects/\n\
+         touch {m}/built\n\
+         i=0; until {until}; do sleep 0.1; i=$((i+1)); [ $i -lt 600 ] || exit 4; done\n\
+         cp \"$DISTCC_DIR/steering.log\" {m}/steering.log\n",
+        m = marks.display(),
+        src = source.display(),
+    )
+}
+
+/// `builderctl enter -- sh -c SCRIPT` with distcc's default fallback; SCRIPT must first
+/// write its `$DISTCC_DIR` to `marks/dir`. Returns the session and that directory.
+fn start_session(builder: &Builder, marks: &Path, script: &str) -> (Child, PathBuf) {
+    let session = builder
+        .command(&["enter", "--", "sh", "-c", script])
+        // distcc's default: a failed remote compile is redone locally.
+        .env_remove("DISTCC_FALLBACK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the session started", Duration::from_secs(30), || {
+        marks.join("dir").exists()
+    });
+    let distcc_dir = std::fs::read_to_string(marks.join("dir")).unwrap();
+    (session, PathBuf::from(distcc_dir.trim()))
+}
+
+/// The project built in `source` with plain gcc, without distcc, prints what the
+/// session's build printed (`output`); its objects stay in `source`.
+fn assert_local_build_prints_the_same(source: &Path, output: &Path) {
+    let reference = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && make -s -j2 CC=gcc && ./prog",
+            source.display()
+        ))
+        .env_remove("DISTCC_HOSTS")
+        .output()
+        .unwrap();
+    assert!(reference.status.success(), "{}", text(&reference));
+    assert_eq!(
+        std::fs::read_to_string(output).unwrap(),
+        String::from_utf8_lossy(&reference.stdout)
+    );
+}
+
+/// Every object of the project in `ours` equals the one in `reference`.
+fn assert_same_objects(ours: &Path, reference: &Path) {
+    for unit in std::iter::once("main".to_owned()).chain((0..UNITS).map(|u| format!("u{u}"))) {
+        let a = std::fs::read(ours.join(format!("{unit}.o"))).unwrap();
+        let b = std::fs::read(reference.join(format!("{unit}.o"))).unwrap();
+        assert!(a == b, "{unit}.o differs from the local build");
+    }
+}
+
 #[test]
 fn a_worker_lost_mid_build_fails_over_at_once_with_identical_objects() {
     let SlowProjectCluster {
@@ -131,34 +196,15 @@ fn a_worker_lost_mid_build_fails_over_at_once_with_identical_objects() {
     let w2 = workers[1].ip().to_string();
 
     // The session builds, keeps the result, then stays until w2 is back in its hosts file.
-    let script = format!(
-        "set -e\n\
-         echo \"$DISTCC_DIR\" > {m}/dir.tmp && mv {m}/dir.tmp {m}/dir\n\
-         cp {src}/* .\n\
-         make -s -j\"$DISTCC_SLOTS\"\n\
-         ./prog > {m}/output\n\
-         cp *.o {m}/objects/\n\
-         touch {m}/built\n\
-         i=0; until grep -q '^[^#]*{w2}:3632/' \"$DISTCC_DIR/hosts\"; do sleep 0.1; i=$((i+1)); [ $i -lt 600 ] || exit 4; done\n\
-         cp \"$DISTCC_DIR/steering.log\" {m}/steering.log\n",
-        m = marks.display(),
-        src = source.display(),
+    let script = build_then_wait(
+        &marks,
+        &source,
+        &format!("grep -q '^[^#]*{w2}:3632/' \"$DISTCC_DIR/hosts\""),
     );
     let started = Instant::now();
-    let session = builder
-        .command(&["enter", "--", "sh", "-c", &script])
-        // distcc's default: a failed remote compile is redone locally.
-        .env_remove("DISTCC_FALLBACK")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    eventually("the session started", Duration::from_secs(30), || {
-        marks.join("dir").exists()
-    });
-    let distcc_dir = std::fs::read_to_string(marks.join("dir")).unwrap();
-    let hosts_file = Path::new(distcc_dir.trim()).join("hosts");
-    let steering_log = Path::new(distcc_dir.trim()).join("steering.log");
+    let (session, distcc_dir) = start_session(&builder, &marks, &script);
+    let hosts_file = distcc_dir.join("hosts");
+    let steering_log = distcc_dir.join("steering.log");
 
     // Cut w2 off while compiles are in flight there: those would wait out distcc's 300 s
     // IO timeout unless the session aborts them.
@@ -255,11 +301,7 @@ fn a_worker_lost_mid_build_fails_over_at_once_with_identical_objects() {
         String::from_utf8_lossy(&std::fs::read(marks.join("output")).unwrap()),
         String::from_utf8_lossy(&reference_run.stdout),
     );
-    for unit in std::iter::once("main".to_owned()).chain((0..UNITS).map(|u| format!("u{u}"))) {
-        let ours = std::fs::read(marks.join("objects").join(format!("{unit}.o"))).unwrap();
-        let theirs = std::fs::read(reference.join(format!("{unit}.o"))).unwrap();
-        assert!(ours == theirs, "{unit}.o differs from the local build");
-    }
+    assert_same_objects(&marks.join("objects"), &reference);
     eprintln!(
         "build {:?} in all, {built_after:?} after the cut, w2 dropped {dropped_after:?} after it, \
          {aborted} connections aborted, w2 back {back_after:?} after the cut",
@@ -314,20 +356,7 @@ fn a_throttled_worker_leaves_the_session_as_slow_and_the_build_stays_correct() {
             "a healthy worker was left out:\n{log}"
         );
     }
-    let reference = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && make -s -j2 CC=gcc && ./prog",
-            source.display()
-        ))
-        .env_remove("DISTCC_HOSTS")
-        .output()
-        .unwrap();
-    assert!(reference.status.success(), "{}", text(&reference));
-    assert_eq!(
-        std::fs::read_to_string(marks.join("output")).unwrap(),
-        String::from_utf8_lossy(&reference.stdout)
-    );
+    assert_local_build_prints_the_same(&source, &marks.join("output"));
 }
 
 #[test]
@@ -344,31 +373,10 @@ fn restarting_a_workers_agent_mid_build_neither_drops_nor_cuts_it() {
 
     // The session builds, keeps the result, then waits for the test's word before it
     // copies its steering log and ends.
-    let script = format!(
-        "set -e\n\
-         echo \"$DISTCC_DIR\" > {m}/dir.tmp && mv {m}/dir.tmp {m}/dir\n\
-         cp {src}/* .\n\
-         make -s -j\"$DISTCC_SLOTS\"\n\
-         ./prog > {m}/output\n\
-         cp *.o {m}/objects/\n\
-         touch {m}/built\n\
-         i=0; until [ -e {m}/release ]; do sleep 0.1; i=$((i+1)); [ $i -lt 600 ] || exit 4; done\n\
-         cp \"$DISTCC_DIR/steering.log\" {m}/steering.log\n",
-        m = marks.display(),
-        src = source.display(),
-    );
-    let session = builder
-        .command(&["enter", "--", "sh", "-c", &script])
-        .env_remove("DISTCC_FALLBACK")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    eventually("the session started", Duration::from_secs(30), || {
-        marks.join("dir").exists()
-    });
-    let distcc_dir = std::fs::read_to_string(marks.join("dir")).unwrap();
-    let steering_log = Path::new(distcc_dir.trim()).join("steering.log");
+    let release = marks.join("release");
+    let script = build_then_wait(&marks, &source, &format!("[ -e {} ]", release.display()));
+    let (session, distcc_dir) = start_session(&builder, &marks, &script);
+    let steering_log = distcc_dir.join("steering.log");
 
     eventually("compiles in flight on w1", Duration::from_secs(60), || {
         connections_to(&w1) >= 2
@@ -396,7 +404,7 @@ fn restarting_a_workers_agent_mid_build_neither_drops_nor_cuts_it() {
     eventually("the build finished", Duration::from_secs(240), || {
         marks.join("built").exists()
     });
-    std::fs::write(marks.join("release"), "").unwrap();
+    std::fs::write(&release, "").unwrap();
     let out = session.wait_with_output().unwrap();
     assert!(out.status.success(), "session: {}", text(&out));
 
@@ -408,23 +416,6 @@ fn restarting_a_workers_agent_mid_build_neither_drops_nor_cuts_it() {
             "w1 was dropped or cut for an agent restart: {line}\n{log}"
         );
     }
-    let reference = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {} && make -s -j2 CC=gcc && ./prog",
-            source.display()
-        ))
-        .env_remove("DISTCC_HOSTS")
-        .output()
-        .unwrap();
-    assert!(reference.status.success(), "{}", text(&reference));
-    assert_eq!(
-        std::fs::read_to_string(marks.join("output")).unwrap(),
-        String::from_utf8_lossy(&reference.stdout)
-    );
-    for unit in std::iter::once("main".to_owned()).chain((0..UNITS).map(|u| format!("u{u}"))) {
-        let ours = std::fs::read(marks.join("objects").join(format!("{unit}.o"))).unwrap();
-        let theirs = std::fs::read(source.join(format!("{unit}.o"))).unwrap();
-        assert!(ours == theirs, "{unit}.o differs from the local build");
-    }
+    assert_local_build_prints_the_same(&source, &marks.join("output"));
+    assert_same_objects(&marks.join("objects"), &source);
 }
