@@ -712,6 +712,29 @@ mod tests {
             json["workers"][6]["excluded_reason"],
             serde_json::Value::Null
         );
+        // Each reason's kind beside it, for programs; null when included.
+        let kinds: Vec<serde_json::Value> = (0..7)
+            .map(|i| json["workers"][i]["excluded_kind"].clone())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "unreachable",
+                "inactive",
+                "not_admitted",
+                "compiler_mismatch",
+                "compiler_mismatch",
+                "no_route",
+            ]
+            .map(serde_json::Value::from)
+            .into_iter()
+            .chain([serde_json::Value::Null])
+            .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            json["workers"][6].as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["endpoint", "entry", "excluded_kind", "excluded_reason", "warnings"]
+        );
     }
 
     #[test]
