@@ -3,11 +3,13 @@
 //! compiles them locally (`DISTCC_FALLBACK`, on by default), instead of each waiting out
 //! distcc's 300 s IO timeout.
 //!
-//! "For certain" is two independent signs: the agent's status stream broke (error, end,
-//! or silence past the steering's stale bound) AND distccd's own port gives no answer at
-//! all within a short bound. A refused connection is an answer: the machine is up, and
-//! the kernel resets the connections of a distccd that went away by itself. A worker
-//! whose agent restarts while distccd keeps serving is never touched.
+//! "For certain" is independent signs: the agent's status stream broke (error, end, or
+//! silence past the steering's stale bound) AND neither distccd's port nor the agent's
+//! answers at all within a short bound ([`MachinePorts::confirm_loss`]). A refused
+//! connection is an answer: the machine is up, and the kernel resets the connections of
+//! a distccd that went away by itself. A full accept queue drops SYNs on distccd's port
+//! silently, but the agent's port still answers. What each outcome means for the worker
+//! is [`crate::track`]'s decision.
 //!
 //! Aborting is `ss -K` (iproute2, SOCK_DESTROY; needs CAP_NET_ADMIN): the client's
 //! blocked read or write fails with ECONNABORTED at once. The distcc client writes the

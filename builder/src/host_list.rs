@@ -732,8 +732,18 @@ mod tests {
             .collect::<Vec<_>>()
         );
         assert_eq!(
-            json["workers"][6].as_object().unwrap().keys().collect::<Vec<_>>(),
-            ["endpoint", "entry", "excluded_kind", "excluded_reason", "warnings"]
+            json["workers"][6]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            [
+                "endpoint",
+                "entry",
+                "excluded_kind",
+                "excluded_reason",
+                "warnings"
+            ]
         );
     }
 

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cluster::{Client, Probe, WorkerView, connect, source_address, status_text, views};
 use crate::config::AgentAccess;
-use crate::failover::{CutScope, check_machine, cut_connections};
+use crate::failover::{CutScope, MachinePorts, PortCheck, check_machine, cut_connections};
 use crate::host_list::Verdict;
 use crate::host_list::{
     HostEntry, HostList, LocalCompiler, Policy, endpoint_host, write_atomically,
@@ -323,9 +323,7 @@ fn act(
                 let (endpoint, events, deadline) =
                     (endpoint.to_owned(), events.clone(), config.deadline);
                 tokio::spawn(async move {
-                    let distccd = distccd_address(&distccd).await;
-                    let agent = resolve(&endpoint).await;
-                    let ports = check_machine(distccd, agent, deadline).await;
+                    let ports = check_ports(&distccd, &endpoint, deadline).await;
                     let at = Instant::now();
                     let _ = events
                         .send((index, TrackEvent::PortsChecked { ports, at }))
@@ -343,10 +341,18 @@ fn act(
                 };
                 let events = events.clone();
                 tokio::spawn(async move {
-                    let distccd = distccd_address(&distccd).await;
-                    let result = cut_connections(distccd, &scope)
-                        .await
-                        .map_err(|e| e.to_string());
+                    let (distccd, result) = match distccd_address(&distccd).await {
+                        Some(addr) => (
+                            addr,
+                            cut_connections(addr, &scope)
+                                .await
+                                .map_err(|e| e.to_string()),
+                        ),
+                        None => (
+                            unspecified(distccd.port),
+                            Err(format!("{} does not resolve", distccd.host)),
+                        ),
+                    };
                     let done = TrackEvent::CutDone {
                         cause,
                         distccd,
@@ -393,28 +399,42 @@ fn act(
 }
 
 /// The address of a hosts-file entry's distccd (what `ss -K` matches and the port check
-/// asks); one that does not resolve is the unspecified address, which nothing answers.
-async fn distccd_address(entry: &HostEntry) -> SocketAddr {
-    tokio::net::lookup_host((entry.host.as_str(), entry.port))
+/// asks), if its name resolves.
+async fn distccd_address(entry: &HostEntry) -> Option<SocketAddr> {
+    first_address(&entry.host, entry.port).await
+}
+
+/// The agent's address, from its endpoint `host:port`, if it resolves.
+async fn agent_address(endpoint: &str) -> Option<SocketAddr> {
+    let port = endpoint.rsplit_once(':')?.1.parse().ok()?;
+    first_address(endpoint_host(endpoint), port).await
+}
+
+async fn first_address(host: &str, port: u16) -> Option<SocketAddr> {
+    tokio::net::lookup_host((host, port))
         .await
         .ok()
         .and_then(|mut addrs| addrs.next())
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], entry.port)))
 }
 
-/// The agent's address, from its endpoint `host:port`.
-async fn resolve(endpoint: &str) -> SocketAddr {
-    let port = endpoint
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .unwrap_or(0);
-    distccd_address(&HostEntry {
-        host: endpoint_host(endpoint).to_owned(),
-        port,
-        slots: 0,
-        lzo: false,
-    })
-    .await
+/// Ask the machine's two ports; a name that no longer resolves reaches nobody: silent.
+async fn check_ports(entry: &HostEntry, endpoint: &str, bound: Duration) -> MachinePorts {
+    match (distccd_address(entry).await, agent_address(endpoint).await) {
+        (Some(distccd), Some(agent)) => check_machine(distccd, agent, bound).await,
+        (distccd, agent) => {
+            let unresolved = || PortCheck::Silent("the name does not resolve".to_owned());
+            MachinePorts {
+                distccd: distccd.unwrap_or_else(|| unspecified(entry.port)),
+                distccd_check: unresolved(),
+                agent: agent.unwrap_or_else(|| unspecified(0)),
+                agent_check: unresolved(),
+            }
+        }
+    }
+}
+
+fn unspecified(port: u16) -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], port))
 }
 
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
