@@ -604,6 +604,52 @@ mod tests {
         assert_eq!(SlowCuts::Never.scope(), None);
     }
 
+    fn list_with(verdict: Verdict) -> HostList {
+        HostList {
+            workers: vec![crate::host_list::WorkerVerdict {
+                endpoint: "198.18.3.12:3634".into(),
+                verdict,
+            }],
+            local_slots: 2,
+        }
+    }
+
+    #[test]
+    fn changes_are_lines_per_kind_not_per_figure() {
+        use crate::exclusion::Exclusion;
+        let slow = |mean_secs| {
+            list_with(Verdict::Excluded(Exclusion::Slow {
+                mean_secs,
+                others_secs: 1.5,
+            }))
+        };
+        assert_eq!(
+            describe_change(&slow(19.0), &slow(25.0)),
+            Vec::<String>::new()
+        );
+        let overloaded = list_with(Verdict::Excluded(Exclusion::Overloaded {
+            running: 9,
+            slots: 3,
+        }));
+        assert_eq!(
+            describe_change(&slow(19.0), &overloaded),
+            ["198.18.3.12:3634: out, overloaded: distccd has 9 compiles in flight for 3 slots"]
+        );
+        let back = list_with(Verdict::Included {
+            entry: HostEntry {
+                host: "198.18.3.12".into(),
+                port: 3632,
+                slots: 3,
+                lzo: true,
+            },
+            warnings: vec!["agent away (...)".into()],
+        });
+        assert_eq!(
+            describe_change(&overloaded, &back),
+            ["198.18.3.12:3634: in, 198.18.3.12:3632/3,lzo"]
+        );
+    }
+
     #[test]
     fn refresh_only_for_undescribed_configured_compilers() {
         let local = vec![LocalCompiler {
