@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use distcc_proto::v1 as pb;
 use distcc_proto::v1::distcc_agent_client::DistccAgentClient;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -23,7 +23,7 @@ use crate::trust::{CertificateCapture, KnownWorkers};
 use crate::untrusted::{self, printable};
 
 /// One worker as the builder sees it. Serialised as the stable JSON of `status --json`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkerView {
     /// The agent endpoint, as configured.
     pub endpoint: String,

@@ -8,13 +8,31 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/distcc-builder/builder.toml";
+/// Where `builderctl daemon` serves sessions (`distcc-builder.socket`).
+pub const DEFAULT_DAEMON_SOCKET: &str = "/run/distcc-builder/session.sock";
+/// Where the per-user tmpfs workspaces are mounted (`distcc-workspace@USER.service`).
+pub const DEFAULT_USER_WORKSPACES: &str = "/run/distcc-workspaces";
+/// The group whose members may use the daemon (made by the package's sysusers file).
+pub const DEFAULT_BUILD_GROUP: &str = "distcc-build";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BuilderConfig {
     /// Agent endpoints, `host:port`, as configured.
     pub workers: Vec<String>,
-    /// How every RPC reaches the agents: token, and TLS when configured.
-    pub access: AgentAccess,
+    /// `token_file`: read only by [`BuilderConfig::access`], when a command talks to the
+    /// agents itself (users load this file but never read a token; they go through the
+    /// daemon).
+    pub token_file: TokenFile,
+    /// `admin_token_file`: read only by [`BuilderConfig::admin_access`].
+    pub admin_token_file: Option<TokenFile>,
+    /// How every RPC reaches the agents (TLS settings are read at load time).
+    pub transport: Transport,
+    /// `daemon_socket`: the daemon's session socket (Unix stream socket).
+    pub daemon_socket: PathBuf,
+    /// `user_workspaces`: the directory holding one tmpfs workspace per user.
+    pub user_workspaces: PathBuf,
+    /// `build_group`: who may use the daemon (and get a workspace) besides root.
+    pub build_group: String,
     pub workspace: PathBuf,
     pub tmpfs_size: String,
     /// Per-worker bound on one RPC: a dead worker costs at most this.
@@ -72,6 +90,37 @@ impl std::fmt::Debug for Trust {
             Self::Pinned(path) => write!(f, "Pinned({})", path.display()),
         }
     }
+}
+
+/// A token file named by the configuration, with where it is named (for errors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFile {
+    pub path: PathBuf,
+    key: &'static str,
+    config: String,
+    line: usize,
+}
+
+impl TokenFile {
+    /// The token, checked to be private to root, the running user or the file's group
+    /// (0640 `root:distcc-builder` for the daemon).
+    pub fn read(&self) -> Result<String, ConfigError> {
+        read_token(&self.path).map_err(|message| ConfigError::Invalid {
+            path: self.config.clone(),
+            line: self.line,
+            key: self.key.to_owned(),
+            message,
+        })
+    }
+}
+
+/// Why [`BuilderConfig::admin_access`] has no access.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminAccessError {
+    #[error(transparent)]
+    NoAdminToken(#[from] NoAdminToken),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// Why a command that changes workers cannot run.
@@ -145,6 +194,9 @@ struct RawConfig {
     tls: Option<Spanned<RawTls>>,
     known_workers: Option<PathBuf>,
     insecure_plaintext: Option<bool>,
+    daemon_socket: Option<Spanned<PathBuf>>,
+    user_workspaces: Option<Spanned<PathBuf>>,
+    build_group: Option<Spanned<String>>,
 }
 
 impl BuilderConfig {
@@ -177,15 +229,44 @@ impl BuilderConfig {
                 ));
             }
         }
-        let read_token = |file: &Spanned<PathBuf>, key: &str| {
-            read_token(file.get_ref()).map_err(|m| invalid(file.span().start, key, m))
+        // Tokens are read later, by the commands that use them (see `access`).
+        let token_file = |spanned: &Spanned<PathBuf>, key: &'static str| TokenFile {
+            path: spanned.get_ref().clone(),
+            key,
+            config: file.path().display().to_string(),
+            line: file.line_of(spanned.span().start),
         };
-        let token = read_token(&raw.token_file, "token_file")?;
-        let admin_token = raw
+        let token_file_named = token_file(&raw.token_file, "token_file");
+        let admin_token_file = raw
             .admin_token_file
             .as_ref()
-            .map(|file| read_token(file, "admin_token_file"))
-            .transpose()?;
+            .map(|spanned| token_file(spanned, "admin_token_file"));
+        let absolute = |value: &Option<Spanned<PathBuf>>, key: &str, default: &str| match value {
+            None => Ok(PathBuf::from(default)),
+            Some(path) if path.get_ref().is_absolute() => Ok(path.get_ref().clone()),
+            Some(path) => Err(invalid(
+                path.span().start,
+                key,
+                format!("{} is not an absolute path", path.get_ref().display()),
+            )),
+        };
+        let daemon_socket = absolute(&raw.daemon_socket, "daemon_socket", DEFAULT_DAEMON_SOCKET)?;
+        let user_workspaces = absolute(
+            &raw.user_workspaces,
+            "user_workspaces",
+            DEFAULT_USER_WORKSPACES,
+        )?;
+        let build_group = match &raw.build_group {
+            None => DEFAULT_BUILD_GROUP.to_owned(),
+            Some(group) if valid_user_name(group.get_ref()) => group.get_ref().clone(),
+            Some(group) => {
+                return Err(invalid(
+                    group.span().start,
+                    "build_group",
+                    format!("{:?} is not a group name", group.get_ref()),
+                ));
+            }
+        };
         let known_workers = raw
             .known_workers
             .clone()
@@ -336,11 +417,12 @@ impl BuilderConfig {
             masquerade_dir: raw.masquerade_dir,
             allow_mismatch: raw.allow_mismatch.unwrap_or(false),
             workers: raw.workers.into_iter().map(Spanned::into_inner).collect(),
-            access: AgentAccess {
-                token,
-                admin_token,
-                transport,
-            },
+            token_file: token_file_named,
+            admin_token_file,
+            transport,
+            daemon_socket,
+            user_workspaces,
+            build_group,
             workspace: raw
                 .workspace
                 .unwrap_or_else(|| PathBuf::from("/tmp/kernel-build")),
@@ -350,6 +432,39 @@ impl BuilderConfig {
             deadline,
         })
     }
+}
+
+impl BuilderConfig {
+    /// What an RPC to the agents needs, reading `token_file` now: for commands that talk to
+    /// the agents themselves (not a user's session, which goes through the daemon).
+    pub fn access(&self) -> Result<AgentAccess, ConfigError> {
+        Ok(AgentAccess {
+            token: self.token_file.read()?,
+            admin_token: None,
+            transport: self.transport.clone(),
+        })
+    }
+
+    /// The access of the admin role (reset, bootstrap): `admin_token_file`'s token.
+    pub fn admin_access(&self) -> Result<AgentAccess, AdminAccessError> {
+        let token = self.admin_token_file.as_ref().ok_or(NoAdminToken)?.read()?;
+        Ok(AgentAccess {
+            token: token.clone(),
+            admin_token: Some(token),
+            transport: self.transport.clone(),
+        })
+    }
+}
+
+/// A user or group name as Debian's `adduser` and systemd accept it (also what the
+/// polkit rule of `distcc-workspace@.service` matches).
+pub fn valid_user_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 /// A token in clear: the file must not be readable by others (the agents' tokens give
@@ -400,25 +515,89 @@ mod tests {
         );
         std::fs::write(&path, &text).unwrap();
         let c = BuilderConfig::load(&path).unwrap();
-        assert_eq!(c.access.token, "read-0123456789abcdef");
-        assert_eq!(c.access.admin().unwrap().token, "admin-0123456789abcdef");
+        assert_eq!(c.access().unwrap().token, "read-0123456789abcdef");
+        assert_eq!(c.access().unwrap().admin_token, None);
+        assert_eq!(c.admin_access().unwrap().token, "admin-0123456789abcdef");
+        // Group-readable (0640 root:distcc-builder, the daemon's): accepted.
+        std::fs::set_permissions(&read, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(c.access().unwrap().token, "read-0123456789abcdef");
+        // Readable by others: the configuration still loads (users load it), the token is
+        // refused when read, naming file, line and key.
         std::fs::set_permissions(&admin, std::fs::Permissions::from_mode(0o644)).unwrap();
-        match BuilderConfig::load(&path).unwrap_err() {
-            ConfigError::Invalid {
-                line, key, message, ..
-            } => {
+        let c = BuilderConfig::load(&path).unwrap();
+        match c.admin_access().unwrap_err() {
+            AdminAccessError::Config(ConfigError::Invalid {
+                path: file,
+                line,
+                key,
+                message,
+            }) => {
+                assert_eq!(file, path.display().to_string());
                 assert_eq!((line, key.as_str()), (3, "admin_token_file"));
                 assert!(message.contains("chmod 0640"), "{message}");
             }
             e => panic!("{e}"),
         }
+        // A token that cannot be read does not stop the configuration from loading.
+        std::fs::remove_file(&read).unwrap();
+        let c = BuilderConfig::load(&path).unwrap();
+        let err = c.access().unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { line: 2, key, .. } if key == "token_file"),
+            "{err}"
+        );
         std::fs::write(
             &path,
             format!("workers = []\ntoken_file = \"{}\"\n", read.display()),
         )
         .unwrap();
         let c = BuilderConfig::load(&path).unwrap();
-        assert_eq!(c.access.admin(), Err(NoAdminToken));
+        assert!(matches!(
+            c.admin_access().unwrap_err(),
+            AdminAccessError::NoAdminToken(NoAdminToken)
+        ));
+    }
+
+    #[test]
+    fn daemon_keys_have_defaults_and_are_checked() {
+        let c = load("workers = []\n").unwrap();
+        assert_eq!(c.daemon_socket, Path::new(DEFAULT_DAEMON_SOCKET));
+        assert_eq!(c.user_workspaces, Path::new("/run/distcc-workspaces"));
+        assert_eq!(c.build_group, "distcc-build");
+        let c = load("workers = []\ndaemon_socket = \"/tmp/s.sock\"\nuser_workspaces = \"/srv/ws\"\nbuild_group = \"builders\"\n").unwrap();
+        assert_eq!(
+            (
+                c.daemon_socket.as_path(),
+                c.user_workspaces.as_path(),
+                c.build_group.as_str()
+            ),
+            (Path::new("/tmp/s.sock"), Path::new("/srv/ws"), "builders")
+        );
+        for (body, key) in [
+            (
+                "workers = []\ndaemon_socket = \"run/s.sock\"\n",
+                "daemon_socket",
+            ),
+            (
+                "workers = []\nuser_workspaces = \"ws\"\n",
+                "user_workspaces",
+            ),
+            (
+                "workers = []\nbuild_group = \"Build Group\"\n",
+                "build_group",
+            ),
+            ("workers = []\nbuild_group = \"\"\n", "build_group"),
+        ] {
+            match load(body).unwrap_err() {
+                ConfigError::Invalid { line, key: k, .. } => {
+                    assert_eq!((line, k.as_str()), (3, key), "{body}")
+                }
+                e => panic!("{e}"),
+            }
+        }
+        assert!(valid_user_name("alice") && valid_user_name("_ci-2"));
+        assert!(!valid_user_name("Alice") && !valid_user_name("-x") && !valid_user_name("a/b"));
+        assert!(!valid_user_name(&"a".repeat(33)));
     }
 
     fn load(body: &str) -> Result<BuilderConfig, ConfigError> {
@@ -440,10 +619,10 @@ mod tests {
     fn documented_keys_parse() {
         let c = load("workers = [\"198.18.0.11:3634\", \"198.18.0.12:3634\"]\nworkspace = \"/tmp/kernel-build\"\ntmpfs_size = \"2G\"\n").unwrap();
         assert_eq!(c.workers, ["198.18.0.11:3634", "198.18.0.12:3634"]);
-        assert_eq!(c.access.token, "0123456789abcdef");
+        assert!(c.token_file.path.ends_with("token"));
         // TLS by default, the workers' certificates pinned in the default file.
         assert_eq!(
-            c.access.transport,
+            c.transport,
             Transport::Tls(TlsSettings {
                 trust: Trust::Pinned(PathBuf::from(crate::trust::DEFAULT_KNOWN_WORKERS)),
                 identity: None,
@@ -491,7 +670,7 @@ mod tests {
             path("key.pem")
         ))
         .unwrap();
-        let Transport::Tls(tls) = c.access.transport else {
+        let Transport::Tls(tls) = c.transport else {
             panic!("TLS expected")
         };
         assert_eq!(tls.trust, Trust::Ca(b"CA".to_vec()));
@@ -507,7 +686,7 @@ mod tests {
         ))
         .unwrap();
         assert!(matches!(
-            c.access.transport,
+            c.transport,
             Transport::Tls(TlsSettings { identity: None, .. })
         ));
         for (body, key) in [
@@ -564,7 +743,7 @@ mod tests {
     #[test]
     fn plaintext_needs_the_explicit_opt_in_and_pins_are_checked() {
         let c = load("workers = []\ninsecure_plaintext = true\n").unwrap();
-        assert_eq!(c.access.transport, Transport::Plaintext);
+        assert_eq!(c.transport, Transport::Plaintext);
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), "CA").unwrap();
         let err = load(&format!(

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a worker is not in the host list. `Display` is the reason people read (and the
 /// `excluded_reason` of the JSON); [`Exclusion::kind`] is what programs decide on.
@@ -48,10 +48,16 @@ pub enum Exclusion {
     },
     /// A view without a verdict (the worker is not in the host list it was judged with).
     NotInList,
+    /// Judged by another builderctl (the builder daemon, over the session socket): its
+    /// kind and text as it sent them.
+    Reported {
+        kind: ExclusionKind,
+        reason: String,
+    },
 }
 
 /// [`Exclusion`] without its figures: `excluded_kind` in the JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExclusionKind {
     Unreachable,
@@ -81,6 +87,7 @@ impl Exclusion {
             Exclusion::Overloaded { .. } => ExclusionKind::Overloaded,
             Exclusion::Slow { .. } => ExclusionKind::Slow,
             Exclusion::NotInList => ExclusionKind::NotInList,
+            Exclusion::Reported { kind, .. } => *kind,
         }
     }
 }
@@ -126,6 +133,7 @@ impl fmt::Display for Exclusion {
                 "slow: compiles take {mean_secs:.1} s here, {others_secs:.1} s on the other workers"
             ),
             Exclusion::NotInList => f.write_str("not in the host list"),
+            Exclusion::Reported { reason, .. } => f.write_str(reason),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::exclusion::{CompilerProblem, Exclusion, ExclusionKind, ListenProblem};
 use crate::pace::{median, slow_share};
@@ -68,7 +68,7 @@ pub struct Policy {
 }
 
 /// One line of the hosts file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostEntry {
     /// Address or name distcc connects to.
     pub host: String,
@@ -165,8 +165,49 @@ impl Serialize for WorkerVerdict {
     }
 }
 
+/// The flat form back (what the builder daemon sends over the session socket): an
+/// excluded worker's verdict is [`Exclusion::Reported`], with the kind and text as sent.
+impl<'de> Deserialize<'de> for WorkerVerdict {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Flat {
+            endpoint: String,
+            entry: Option<HostEntry>,
+            excluded_reason: Option<String>,
+            excluded_kind: Option<ExclusionKind>,
+            #[serde(default)]
+            warnings: Vec<String>,
+        }
+        let flat = Flat::deserialize(deserializer)?;
+        let verdict = match (flat.entry, flat.excluded_kind) {
+            (Some(entry), None) => Verdict::Included {
+                entry,
+                warnings: flat.warnings,
+            },
+            (None, Some(kind)) => Verdict::Excluded(Exclusion::Reported {
+                kind,
+                reason: flat.excluded_reason.unwrap_or_default(),
+            }),
+            (Some(_), Some(_)) => {
+                return Err(serde::de::Error::custom(
+                    "a worker both in (entry) and out (excluded_kind)",
+                ));
+            }
+            (None, None) => {
+                return Err(serde::de::Error::custom(
+                    "a worker neither in (entry) nor out (excluded_kind)",
+                ));
+            }
+        };
+        Ok(WorkerVerdict {
+            endpoint: flat.endpoint,
+            verdict,
+        })
+    }
+}
+
 /// The host list of one moment.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostList {
     /// In configuration order.
     pub workers: Vec<WorkerVerdict>,

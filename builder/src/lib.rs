@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod daemon;
 pub mod exclusion;
 pub mod failover;
 pub mod fuzzing;
@@ -14,6 +15,7 @@ pub mod local;
 pub mod ops;
 pub mod pace;
 pub mod session;
+pub mod session_socket;
 pub mod snapshot;
 pub mod state_files;
 pub mod steer;

@@ -110,11 +110,19 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// Keep a hosts file (default /etc/distcc/hosts) fresh from live worker status, for
-    /// builds that never enter builder mode (`distcc-builder.service`, Type=notify).
+    /// The build node's daemon (`distcc-builder.service`, Type=notify): keeps a hosts
+    /// file (default /etc/distcc/hosts) fresh from live worker status, aborts the
+    /// machine's connections to a lost worker, and serves users' sessions on
+    /// `daemon_socket` (socket activation, else bound here).
     Daemon {
         #[arg(long, default_value = "/etc/distcc/hosts")]
         hosts_file: PathBuf,
+    },
+    /// Mount or unmount a user's tmpfs workspace (run by distcc-workspace@USER.service).
+    #[command(hide = true)]
+    Workspace {
+        #[command(subcommand)]
+        action: WorkspaceAction,
     },
     /// Live job distribution from the session's DISTCC_DIR/state files, plus each
     /// worker's load, refreshed every second.
@@ -134,6 +142,14 @@ enum Command {
     /// Print the builderctl(1) man page as roff on stdout (for packaging).
     #[command(hide = true)]
     Man,
+}
+
+#[derive(Subcommand)]
+enum WorkspaceAction {
+    /// Mount USER's workspace in `user_workspaces` (USER must be in `build_group`).
+    Mount { user: String },
+    /// Unmount USER's workspace, only when nothing uses it.
+    Unmount { user: String },
 }
 
 fn main() -> ExitCode {
@@ -163,6 +179,11 @@ fn run(options: Options) -> anyhow::Result<ExitCode> {
 }
 
 fn dispatch(setup: &BuilderSetup, command: Command) -> anyhow::Result<ExitCode> {
+    // Before any thread exists: taking systemd's socket clears LISTEN_FDS/LISTEN_PID.
+    let listener = match &command {
+        Command::Daemon { .. } => Some(commands::daemon::listen(setup)?),
+        _ => None,
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match command {
         Command::Status { json, watch } => {
@@ -174,7 +195,7 @@ fn dispatch(setup: &BuilderSetup, command: Command) -> anyhow::Result<ExitCode> 
         Command::Enter { leave, command } => {
             runtime.block_on(commands::enter::run(setup, leave, command))
         }
-        Command::Leave => commands::enter::leave(setup),
+        Command::Leave => runtime.block_on(commands::enter::leave(setup)),
         Command::Validate { json } => runtime.block_on(commands::fleet::validate(setup, json)),
         Command::Smoketest { json } => runtime.block_on(commands::fleet::smoketest(setup, json)),
         Command::Reset {
@@ -206,8 +227,13 @@ fn dispatch(setup: &BuilderSetup, command: Command) -> anyhow::Result<ExitCode> 
             runtime.block_on(commands::monitor::run(setup, distcc_dir, once))
         }
         Command::Daemon { hosts_file } => {
-            runtime.block_on(commands::daemon::run(setup, hosts_file))
+            let listener = listener.context("the daemon's socket")?;
+            runtime.block_on(commands::daemon::run(setup, hosts_file, listener))
         }
+        Command::Workspace { action } => match action {
+            WorkspaceAction::Mount { user } => commands::workspace::mount(setup, &user),
+            WorkspaceAction::Unmount { user } => commands::workspace::unmount(setup, &user),
+        },
         Command::Completions { shell } => commands::docs::completions(Options::command(), shell),
         Command::Man => commands::docs::man_page(Options::command()),
     }

@@ -33,6 +33,16 @@ impl PreflightCheck {
         }
     }
 
+    /// Passed, but worth a fix (shown as `[warn]`).
+    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            name,
+            passed: true,
+            detail: detail.into(),
+            fix: fix.into(),
+        }
+    }
+
     fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
         Self {
             name,
@@ -216,13 +226,152 @@ pub fn preflight(
     checks
 }
 
+/// How this session reaches the builder daemon, as found by the caller (see
+/// [`daemon_checks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DaemonReach {
+    /// Connected and authorised; the daemon says whether it can abort connections.
+    Reached {
+        socket: PathBuf,
+        failover: crate::session_socket::Failover,
+    },
+    /// Nothing answers at the socket (no daemon, socket unit not enabled).
+    Unreachable { socket: PathBuf, why: String },
+    /// Refused: not a member of the build group (by the daemon, or by the socket's
+    /// mode). `listed`: the group database lists the user (added, but this login
+    /// predates it).
+    NotInGroup {
+        user: String,
+        group: String,
+        listed: bool,
+    },
+    /// The daemon answered but failed (its message).
+    Failed { socket: PathBuf, why: String },
+}
+
+/// Who runs the session: root steers and cuts by itself when no daemon is reachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runner {
+    /// Root, with whether it has CAP_NET_ADMIN (what `ss -K` needs).
+    Root {
+        net_admin: bool,
+    },
+    User,
+}
+
+/// The `builder daemon` and `failover` lines of the checklist (pure).
+pub fn daemon_checks(reach: &DaemonReach, runner: Runner) -> Vec<PreflightCheck> {
+    use crate::session_socket::Failover;
+    const DAEMON: &str = "builder daemon";
+    const FAILOVER: &str = "failover";
+    let own_failover = |net_admin: bool| {
+        if net_admin {
+            PreflightCheck::pass(
+                FAILOVER,
+                "armed (this root session aborts connections to a lost worker itself)",
+            )
+        } else {
+            // As before: the build works, a lost worker costs distcc's time-out.
+            PreflightCheck::warn(
+                FAILOVER,
+                "NOT armed: this session lacks CAP_NET_ADMIN to abort connections",
+                "run as root with CAP_NET_ADMIN, or enable the builder daemon: systemctl enable --now distcc-builder.socket",
+            )
+        }
+    };
+    match (reach, runner) {
+        (DaemonReach::Reached { socket, failover }, _) => vec![
+            PreflightCheck::pass(
+                DAEMON,
+                format!("{} (steering shared by this machine)", socket.display()),
+            ),
+            match failover {
+                Failover::Armed => PreflightCheck::pass(
+                    FAILOVER,
+                    "armed (the builder daemon aborts connections to a lost worker)",
+                ),
+                // The build works; a lost worker costs distcc's time-out. Said, not fatal.
+                Failover::NotArmed(why) => PreflightCheck::warn(
+                    FAILOVER,
+                    format!("NOT armed: {why}"),
+                    "give distcc-builder.service AmbientCapabilities=CAP_NET_ADMIN (as packaged) and restart it",
+                ),
+            },
+        ],
+        (DaemonReach::Unreachable { socket, why }, Runner::Root { net_admin }) => vec![
+            PreflightCheck::pass(
+                DAEMON,
+                format!(
+                    "not reachable at {} ({why}); this root session steers by itself",
+                    socket.display()
+                ),
+            ),
+            own_failover(net_admin),
+        ],
+        (DaemonReach::Unreachable { socket, why }, Runner::User) => vec![
+            PreflightCheck::fail(
+                DAEMON,
+                format!(
+                    "builder daemon not reachable at {} ({why})",
+                    socket.display()
+                ),
+                "systemctl enable --now distcc-builder.socket (as root)",
+            ),
+            PreflightCheck::fail(
+                FAILOVER,
+                "not armed: no builder daemon",
+                "systemctl enable --now distcc-builder.socket (as root)",
+            ),
+        ],
+        (
+            DaemonReach::NotInGroup {
+                user,
+                group,
+                listed,
+            },
+            _,
+        ) => vec![
+            PreflightCheck::fail(
+                DAEMON,
+                if *listed {
+                    format!("you ({user}) were added to the {group} group after this login")
+                } else {
+                    format!("you are not in the {group} group")
+                },
+                if *listed {
+                    "log in again (or run `newgrp distcc-build`)".replace("distcc-build", group)
+                } else {
+                    format!("adduser {user} {group} (as root), then log in again")
+                },
+            ),
+            PreflightCheck::fail(
+                FAILOVER,
+                "not armed: the builder daemon refuses this user",
+                format!("adduser {user} {group} (as root), then log in again"),
+            ),
+        ],
+        (DaemonReach::Failed { socket, why }, _) => vec![
+            PreflightCheck::fail(
+                DAEMON,
+                format!("{}: {why}", socket.display()),
+                "journalctl -u distcc-builder.service shows why",
+            ),
+            PreflightCheck::fail(FAILOVER, "not armed: the builder daemon failed", ""),
+        ],
+    }
+}
+
 /// The checklist as a person reads it.
 pub fn render_checklist(checks: &[PreflightCheck]) -> String {
     let mut text = String::new();
     for c in checks {
         text.push_str(&format!(
             "[{}] {:<24} {}\n",
-            if c.passed { " ok " } else { "FAIL" },
+            match (c.passed, c.fix.is_empty()) {
+                (true, true) => " ok ",
+                (true, false) => "warn",
+                (false, _) => "FAIL",
+            },
             c.name,
             c.detail
         ));
@@ -258,6 +407,12 @@ pub fn session_env(
         ("DISTCC_SLOTS".to_owned(), list.total_slots().to_string()),
         (SESSION_VAR.to_owned(), distcc_dir.display().to_string()),
     ]
+}
+
+/// A session's DISTCC_DIR when the daemon steers: `hosts` links to the daemon's hosts
+/// file (distcc re-reads it on every compile, so the link follows every rewrite).
+pub fn link_daemon_hosts(distcc_dir: &Path, hosts_file: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::symlink(hosts_file, distcc_dir.join("hosts"))
 }
 
 /// `export NAME='value'` lines for `eval`.
@@ -314,6 +469,87 @@ mod tests {
             workspace: "/tmp/kernel-build".into(),
             workspace_check: Ok(Mountable::WillMount),
         }
+    }
+
+    #[test]
+    fn daemon_lines_say_what_is_missing_and_how_to_fix_it() {
+        use crate::session_socket::Failover;
+        let socket = PathBuf::from("/run/distcc-builder/session.sock");
+        let names = |checks: &[PreflightCheck]| -> Vec<(&str, bool)> {
+            checks.iter().map(|c| (c.name, c.passed)).collect()
+        };
+        let reached = daemon_checks(
+            &DaemonReach::Reached {
+                socket: socket.clone(),
+                failover: Failover::Armed,
+            },
+            Runner::User,
+        );
+        assert_eq!(
+            names(&reached),
+            [("builder daemon", true), ("failover", true)]
+        );
+        let away = daemon_checks(
+            &DaemonReach::Unreachable {
+                socket: socket.clone(),
+                why: "No such file or directory".into(),
+            },
+            Runner::User,
+        );
+        assert_eq!(
+            names(&away),
+            [("builder daemon", false), ("failover", false)]
+        );
+        assert_eq!(
+            away[0].detail,
+            "builder daemon not reachable at /run/distcc-builder/session.sock (No such file or directory)"
+        );
+        assert!(
+            away[0]
+                .fix
+                .contains("systemctl enable --now distcc-builder.socket")
+        );
+        // Root without a daemon steers and cuts by itself, as before.
+        let root = daemon_checks(
+            &DaemonReach::Unreachable {
+                socket: socket.clone(),
+                why: "refused".into(),
+            },
+            Runner::Root { net_admin: true },
+        );
+        assert_eq!(names(&root), [("builder daemon", true), ("failover", true)]);
+        let outsider = daemon_checks(
+            &DaemonReach::NotInGroup {
+                user: "bob".into(),
+                group: "distcc-build".into(),
+                listed: false,
+            },
+            Runner::User,
+        );
+        assert_eq!(outsider[0].detail, "you are not in the distcc-build group");
+        assert_eq!(
+            outsider[0].fix,
+            "adduser bob distcc-build (as root), then log in again"
+        );
+        let added = daemon_checks(
+            &DaemonReach::NotInGroup {
+                user: "bob".into(),
+                group: "distcc-build".into(),
+                listed: true,
+            },
+            Runner::User,
+        );
+        assert!(added[0].fix.starts_with("log in again"), "{}", added[0].fix);
+        let unarmed = daemon_checks(
+            &DaemonReach::Reached {
+                socket,
+                failover: Failover::NotArmed("no CAP_NET_ADMIN".into()),
+            },
+            Runner::User,
+        );
+        assert_eq!(unarmed[1].detail, "NOT armed: no CAP_NET_ADMIN");
+        assert!(unarmed[1].passed, "said, but the build may go on");
+        assert!(render_checklist(&unarmed).contains("[warn] failover"));
     }
 
     #[test]

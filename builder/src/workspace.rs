@@ -23,6 +23,22 @@ pub enum WorkspaceError {
     NotMounted { path: String },
     #[error("{path} is in use by {users}; leave those shells first")]
     InUse { path: String, users: String },
+    #[error("{user:?} is not a user name a workspace can be made for")]
+    BadUserName { user: String },
+    #[error("no user {user} on this machine")]
+    NoSuchUser { user: String },
+    #[error("no group {group} on this machine")]
+    NoSuchGroup { group: String },
+    #[error("{user} is not a member of {group}: no workspace for them")]
+    NotInGroup { user: String, group: String },
+    #[error("{path} must be a directory owned by root and writable by root alone")]
+    Unsafe { path: String },
+    #[error("{path} is a tmpfs of uid {owner}, not of {user}")]
+    NotTheirs {
+        path: String,
+        owner: u32,
+        user: String,
+    },
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -37,8 +53,9 @@ pub enum WorkspaceError {
     },
 }
 
-/// What `prepare` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What `prepare` did (`"mounted"`/`"reused"` on the session socket).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Prepared {
     Mounted,
     Reused,
@@ -198,6 +215,176 @@ pub fn prepare(path: &Path, size: &str) -> Result<Prepared, WorkspaceError> {
     Ok(Prepared::Mounted)
 }
 
+/// A user's workspace: `USER` in the `user_workspaces` directory.
+pub fn user_workspace(root: &Path, user: &str) -> PathBuf {
+    root.join(user)
+}
+
+/// Who a user workspace is for, checked (the mount helper's refusals): a valid name of an
+/// existing user who is a member of `group` (primary or supplementary, per the group
+/// database). A polkit or unit mistake must not mount for anyone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceOwner {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl WorkspaceOwner {
+    pub fn check(user: &str, group: &str) -> Result<Self, WorkspaceError> {
+        if !crate::config::valid_user_name(user) {
+            return Err(WorkspaceError::BadUserName {
+                user: user.to_owned(),
+            });
+        }
+        let found = nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .ok_or_else(|| WorkspaceError::NoSuchUser {
+                user: user.to_owned(),
+            })?;
+        let gid =
+            crate::session_socket::group_id(group).ok_or_else(|| WorkspaceError::NoSuchGroup {
+                group: group.to_owned(),
+            })?;
+        if !crate::session_socket::groups_of(user, found.gid.as_raw()).contains(&gid) {
+            return Err(WorkspaceError::NotInGroup {
+                user: user.to_owned(),
+                group: group.to_owned(),
+            });
+        }
+        Ok(Self {
+            user: user.to_owned(),
+            uid: found.uid.as_raw(),
+            gid: found.gid.as_raw(),
+        })
+    }
+}
+
+/// A directory root made (mode 0755) or found: a real directory (no symlink), owned by
+/// root, writable by root alone.
+fn root_directory(path: &Path) -> Result<(), WorkspaceError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let shown = || path.display().to_string();
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(path)
+                .map_err(|source| WorkspaceError::Io {
+                    action: "creating",
+                    path: shown(),
+                    source,
+                })?;
+            // The umask may have taken bits; the mode is the contract.
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(
+                |source| WorkspaceError::Io {
+                    action: "setting the mode of",
+                    path: shown(),
+                    source,
+                },
+            )
+        }
+        Err(source) => Err(WorkspaceError::Io {
+            action: "looking at",
+            path: shown(),
+            source,
+        }),
+        Ok(meta) if meta.is_dir() && meta.uid() == 0 && meta.mode() & 0o022 == 0 => Ok(()),
+        Ok(_) => Err(WorkspaceError::Unsafe { path: shown() }),
+    }
+}
+
+/// `builderctl workspace mount USER` (run as root by `distcc-workspace@USER.service`):
+/// a tmpfs of `size` at `root/USER`, owned by the user, mode 0700, nosuid, nodev; an
+/// existing tmpfs of that user there is reused. `root` and `root/USER` are made 0755 root
+/// when missing; never mounts over a non-empty directory.
+pub fn mount_user_workspace(
+    root: &Path,
+    owner: &WorkspaceOwner,
+    size: &str,
+) -> Result<(PathBuf, Prepared), WorkspaceError> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(parent) = root.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| WorkspaceError::Io {
+            action: "creating",
+            path: parent.display().to_string(),
+            source,
+        })?;
+    }
+    root_directory(root)?;
+    let path = user_workspace(root, &owner.user);
+    let shown = path.display().to_string();
+    match mounted_fstype(&path)? {
+        Some(fstype) if fstype == "tmpfs" => {
+            let meta = std::fs::symlink_metadata(&path).map_err(|source| WorkspaceError::Io {
+                action: "looking at",
+                path: shown.clone(),
+                source,
+            })?;
+            if meta.uid() != owner.uid {
+                return Err(WorkspaceError::NotTheirs {
+                    path: shown,
+                    owner: meta.uid(),
+                    user: owner.user.clone(),
+                });
+            }
+            return Ok((path, Prepared::Reused));
+        }
+        Some(fstype) => {
+            return Err(WorkspaceError::NotTmpfs {
+                path: shown,
+                fstype,
+            });
+        }
+        None => {}
+    }
+    root_directory(&path)?;
+    refuse_non_empty(&path)?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &path,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(format!("size={size},mode=0700,uid={},gid={}", owner.uid, owner.gid).as_str()),
+    )
+    .map_err(|source| WorkspaceError::Sys {
+        action: "mounting a tmpfs on",
+        path: shown,
+        source,
+    })?;
+    Ok((path, Prepared::Mounted))
+}
+
+/// `builderctl workspace unmount USER`: unmount `root/USER` if nothing uses it (no
+/// MNT_DETACH: the kernel refuses while anything does).
+pub fn unmount_user_workspace(root: &Path, user: &str) -> Result<PathBuf, WorkspaceError> {
+    if !crate::config::valid_user_name(user) {
+        return Err(WorkspaceError::BadUserName {
+            user: user.to_owned(),
+        });
+    }
+    let path = user_workspace(root, user);
+    let shown = path.display().to_string();
+    if mounted_fstype(&path)?.as_deref() != Some("tmpfs") {
+        return Err(WorkspaceError::NotMounted { path: shown });
+    }
+    // The unit has CAP_SYS_ADMIN only, so it cannot see other users' open files in /proc;
+    // the kernel's refusal (EBUSY) is the authority.
+    match nix::mount::umount2(&path, MntFlags::empty()) {
+        Ok(()) => Ok(path),
+        Err(nix::Error::EBUSY) => Err(WorkspaceError::InUse {
+            path: shown,
+            users: "a process (the kernel refuses to unmount it)".to_owned(),
+        }),
+        Err(source) => Err(WorkspaceError::Sys {
+            action: "unmounting",
+            path: shown,
+            source,
+        }),
+    }
+}
+
 /// Processes whose cwd, root or open files lie in `path`, as "pid (comm)".
 pub fn users_of(path: &Path) -> Vec<String> {
     let me = std::process::id().to_string();
@@ -288,6 +475,122 @@ mod tests {
             mounted_fstype(&canonical(dir.path()).unwrap()).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn the_mount_helper_refuses_wrong_users() {
+        for (user, group) in [
+            ("../etc", "root"),
+            ("Alice", "root"),
+            ("", "root"),
+            ("no-such-user-here", "root"),
+            ("root", "no-such-group-here"),
+        ] {
+            let err = WorkspaceOwner::check(user, group).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    WorkspaceError::BadUserName { .. }
+                        | WorkspaceError::NoSuchUser { .. }
+                        | WorkspaceError::NoSuchGroup { .. }
+                ),
+                "{user} {group}: {err}"
+            );
+        }
+        // root is a member of its own primary group, and of no group it was not put in.
+        assert_eq!(WorkspaceOwner::check("root", "root").unwrap().uid, 0);
+        let outsider = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(65534))
+            .ok()
+            .flatten()
+            .map(|g| g.name);
+        if let Some(group) = outsider
+            && !crate::session_socket::groups_of("root", 0).contains(&65534)
+        {
+            assert!(matches!(
+                WorkspaceOwner::check("root", &group).unwrap_err(),
+                WorkspaceError::NotInGroup { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn the_mount_helper_never_mounts_over_files_nor_in_an_unsafe_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let owner = WorkspaceOwner {
+            user: "alice".into(),
+            uid: 1000,
+            gid: 1000,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("ws");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(root.join("alice")).unwrap();
+        std::fs::write(root.join("alice/precious.txt"), "data").unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let err = mount_user_workspace(&root, &owner, "16M").unwrap_err();
+            assert!(matches!(err, WorkspaceError::NotEmpty { .. }), "{err}");
+            assert_eq!(
+                std::fs::read_to_string(root.join("alice/precious.txt")).unwrap(),
+                "data"
+            );
+        }
+        // A directory others may write to could hold a planted symlink: refused.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = mount_user_workspace(&root, &owner, "16M").unwrap_err();
+        assert!(matches!(err, WorkspaceError::Unsafe { .. }), "{err}");
+        assert!(matches!(
+            unmount_user_workspace(&root, "../x").unwrap_err(),
+            WorkspaceError::BadUserName { .. }
+        ));
+        assert!(matches!(
+            unmount_user_workspace(&root, "bob").unwrap_err(),
+            WorkspaceError::NotMounted { .. }
+        ));
+    }
+
+    /// Root only (it mounts): the user's tmpfs, reused, refused to unmount while in use.
+    #[test]
+    fn the_mount_helper_mounts_a_private_tmpfs_and_unmounts_it_when_unused() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("ws");
+        let owner = WorkspaceOwner {
+            user: "alice".into(),
+            uid: 4242,
+            gid: 4343,
+        };
+        let (path, how) = mount_user_workspace(&root, &owner, "4M").unwrap();
+        assert_eq!(how, Prepared::Mounted);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (4242, 4343, 0o700)
+        );
+        assert_eq!(std::fs::metadata(&root).unwrap().mode() & 0o7777, 0o755);
+        assert_eq!(
+            mount_user_workspace(&root, &owner, "4M").unwrap().1,
+            Prepared::Reused
+        );
+        // Someone else's tmpfs there is not reused for this user.
+        let other = WorkspaceOwner {
+            uid: 4244,
+            ..owner.clone()
+        };
+        assert!(matches!(
+            mount_user_workspace(&root, &other, "4M").unwrap_err(),
+            WorkspaceError::NotTheirs { .. }
+        ));
+        let open = std::fs::File::create(path.join("busy")).unwrap();
+        let err = unmount_user_workspace(&root, "alice").unwrap_err();
+        assert!(matches!(err, WorkspaceError::InUse { .. }), "{err}");
+        drop(open);
+        unmount_user_workspace(&root, "alice").unwrap();
+        assert_eq!(mounted_fstype(&path).unwrap(), None);
     }
 
     #[test]

@@ -403,9 +403,52 @@ fn daemon_keeps_a_hosts_file_fresh() {
         },
     );
 
+    // Root's session with the daemon reachable uses it: no streams of its own, the hosts
+    // file is the daemon's, the steering log comes from the daemon's events.
+    let ready = builder.dir.path().join("session-ready");
+    let script = format!(
+        "readlink \"$DISTCC_DIR/hosts\"; touch {ready}; \
+         timeout 30 sh -c 'until grep -q \"out, distccd is inactive\" \"$DISTCC_DIR/steering.log\" 2>/dev/null; do sleep 0.1; done'; \
+         cat \"$DISTCC_DIR/steering.log\"",
+        ready = ready.display()
+    );
+    let session = builder
+        .command(&["enter", "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("the session started", Duration::from_secs(30), || {
+        ready.exists()
+    });
+
     workers[1]
         .exec_ok(&["systemctl", "stop", "distccd"])
         .unwrap();
+    let session = session.wait_with_output().unwrap();
+    assert!(session.status.success(), "{}", text(&session));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&session.stdout),
+        String::from_utf8_lossy(&session.stderr),
+    );
+    assert!(
+        stdout.starts_with(&format!("{}\n", hosts_file.display())),
+        "{}",
+        text(&session)
+    );
+    assert!(
+        stdout.contains(&format!("{}: out, distccd is inactive", endpoints[1])),
+        "{}",
+        text(&session)
+    );
+    assert!(
+        stderr.contains("[ ok ] builder daemon"),
+        "{}",
+        text(&session)
+    );
+    assert!(stderr.contains("[ ok ] failover"), "{}", text(&session));
+    assert!(log().contains("session opened"), "{}", log());
+
     let dropped = eventually(
         "the stopped worker dropped",
         Duration::from_secs(30),

@@ -88,6 +88,24 @@ fn connections_to(ip: &str) -> usize {
         .count()
 }
 
+/// The project built in `dir` with plain gcc, no distcc: the program's run.
+fn build_locally(source: &Path, dir: &Path) -> std::process::Output {
+    let copy = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cp {}/* {}", source.display(), dir.display()))
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let out = Command::new("make")
+        .args(["-s", "-j2", "CC=gcc"])
+        .current_dir(dir)
+        .env_remove("DISTCC_HOSTS")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    Command::new("./prog").current_dir(dir).output().unwrap()
+}
+
 /// Three agent workers, a builder configuration for them, the slow project written, and
 /// a directory for the session's marks.
 struct SlowProjectCluster {
@@ -252,25 +270,7 @@ fn a_worker_lost_mid_build_fails_over_at_once_with_identical_objects() {
     std::fs::create_dir(&reference).unwrap();
     let local_build = std::thread::spawn({
         let (source, reference) = (source.clone(), reference.clone());
-        move || {
-            let copy = Command::new("sh")
-                .arg("-c")
-                .arg(format!("cp {}/* {}", source.display(), reference.display()))
-                .status()
-                .unwrap();
-            assert!(copy.success());
-            let out = Command::new("make")
-                .args(["-s", "-j2", "CC=gcc"])
-                .current_dir(&reference)
-                .env_remove("DISTCC_HOSTS")
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{}", text(&out));
-            Command::new("./prog")
-                .current_dir(&reference)
-                .output()
-                .unwrap()
-        }
+        move || build_locally(&source, &reference)
     });
     workers[1].set_link(true).unwrap();
     let out = session.wait_with_output().unwrap();
@@ -418,4 +418,110 @@ fn restarting_a_workers_agent_mid_build_neither_drops_nor_cuts_it() {
     }
     assert_local_build_prints_the_same(&source, &marks.join("output"));
     assert_same_objects(&marks.join("objects"), &source);
+}
+
+/// The daemon owns failover for every build on the machine: a plain `make CC="distcc
+/// gcc"` that never ran `enter` (cron, CI), with the daemon's hosts file, survives w2's
+/// link cut mid-build: the daemon drops w2, aborts the machine's connections to it, the
+/// compiles fall back to local ones, and every object equals a local build's.
+#[test]
+fn a_plain_make_survives_a_lost_worker_through_the_daemon() {
+    let SlowProjectCluster {
+        _bed,
+        workers,
+        builder,
+        source,
+        marks,
+    } = SlowProjectCluster::boot();
+    let w2 = workers[1].ip().to_string();
+    let daemon_hosts = builder.dir.path().join("etc-distcc-hosts");
+    let daemon_log = builder.dir.path().join("daemon.log");
+    let mut daemon = builder
+        .command(&["daemon", "--hosts-file", daemon_hosts.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&daemon_log).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    eventually("the daemon's hosts file", Duration::from_secs(30), || {
+        std::fs::read_to_string(&daemon_hosts).is_ok_and(|h| {
+            workers
+                .iter()
+                .all(|w| h.contains(&format!("{}:3632/3", w.ip())))
+        })
+    });
+
+    // What a cron job does: distcc reads the hosts file the daemon keeps (here through
+    // DISTCC_DIR, to leave this machine's /etc/distcc alone).
+    let build = builder.dir.path().join("plain");
+    let distcc_dir = builder.dir.path().join("plain-distcc");
+    std::fs::create_dir_all(&build).unwrap();
+    std::fs::create_dir_all(&distcc_dir).unwrap();
+    std::os::unix::fs::symlink(&daemon_hosts, distcc_dir.join("hosts")).unwrap();
+    let copy = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cp {}/* {}", source.display(), build.display()))
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let started = Instant::now();
+    let make = Command::new("make")
+        .args(["-s", "-j11", "CC=distcc gcc"])
+        .current_dir(&build)
+        .env("DISTCC_DIR", &distcc_dir)
+        .env_remove("DISTCC_HOSTS")
+        .env_remove("DISTCC_FALLBACK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("compiles in flight on w2", Duration::from_secs(60), || {
+        connections_to(&w2) >= 2
+    });
+    workers[1].set_link(false).unwrap();
+    let cut_at = Instant::now();
+    eventually(
+        "the daemon aborted the machine's connections to w2",
+        Duration::from_secs(30),
+        || {
+            log()
+                .lines()
+                .any(|l| l.contains(&format!("{w2}:3634: lost (")) && l.contains("aborted"))
+        },
+    );
+    let out = make.wait_with_output().unwrap();
+    assert!(out.status.success(), "make: {}\n{}", text(&out), log());
+    let built_after = cut_at.elapsed();
+    // No compile waited for distcc's 300 s IO timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(150),
+        "build took {:?} ({built_after:?} after the cut)\n{}",
+        started.elapsed(),
+        log()
+    );
+    workers[1].set_link(true).unwrap();
+
+    let reference = builder.dir.path().join("reference");
+    std::fs::create_dir(&reference).unwrap();
+    let theirs = build_locally(&source, &reference);
+    for unit in std::iter::once("main".to_owned()).chain((0..UNITS).map(|u| format!("u{u}"))) {
+        let ours = std::fs::read(build.join(format!("{unit}.o"))).unwrap();
+        let theirs = std::fs::read(reference.join(format!("{unit}.o"))).unwrap();
+        assert!(ours == theirs, "{unit}.o differs from the local build");
+    }
+    let ours = Command::new("./prog").current_dir(&build).output().unwrap();
+    assert!(theirs.status.success());
+    assert_eq!(ours.stdout, theirs.stdout);
+    let _ = marks;
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(daemon.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(daemon.wait().unwrap().success(), "{}", log());
+    eprintln!(
+        "plain make {:?} in all, {built_after:?} after the cut",
+        started.elapsed()
+    );
 }

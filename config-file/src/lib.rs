@@ -127,7 +127,8 @@ impl ConfigFile {
         }
     }
 
-    fn line_of(&self, offset: usize) -> usize {
+    /// The line (from 1) of byte `offset`.
+    pub fn line_of(&self, offset: usize) -> usize {
         let offset = offset.min(self.text.len());
         self.text.as_bytes()[..offset]
             .iter()

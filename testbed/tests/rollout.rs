@@ -289,7 +289,60 @@ fn install_upgrade_during_a_build_remove_purge() {
             "{file}"
         );
     }
+    // The build node's daemon: its user and the builders' group exist, the session socket
+    // is enabled and listening (users' sessions start the daemon through it), the token
+    // directory's hosts file may be replaced by the daemon, the polkit rule and the
+    // workspace template are in place.
+    assert_eq!(
+        show(&w, "distcc-builder.socket", "UnitFileState"),
+        "enabled"
+    );
+    assert_eq!(show(&w, "distcc-builder.socket", "ActiveState"), "active");
+    assert_eq!(
+        w.exec_ok(&[
+            "stat",
+            "-c",
+            "%a %U:%G %F",
+            "/run/distcc-builder/session.sock"
+        ])
+        .unwrap()
+        .trim(),
+        "660 distcc-builder:distcc-build socket"
+    );
+    assert_eq!(
+        w.exec_ok(&["stat", "-c", "%a %U:%G", "/etc/distcc"])
+            .unwrap()
+            .trim(),
+        "775 root:distcc-builder"
+    );
+    for file in [
+        "/usr/share/polkit-1/rules.d/50-distcc-builder.rules",
+        "/usr/lib/systemd/system/distcc-workspace@.service",
+        "/usr/lib/systemd/system/distcc-builder.socket",
+        "/usr/lib/sysusers.d/distcc-builder.conf",
+    ] {
+        assert!(
+            w.exec(&["test", "-s", file]).unwrap().status.success(),
+            "{file}"
+        );
+    }
+    w.exec_ok(&["getent", "passwd", "distcc-builder"]).unwrap();
+    w.exec_ok(&["getent", "group", "distcc-build"]).unwrap();
     apt(&w, &["purge", "distcc-builder"]);
+    assert!(
+        !w.exec(&["getent", "passwd", "distcc-builder"])
+            .unwrap()
+            .status
+            .success(),
+        "purge removes the daemon's user"
+    );
+    assert!(
+        !w.exec(&["dpkg-statoverride", "--list", "/etc/distcc"])
+            .unwrap()
+            .status
+            .success(),
+        "purge removes the statoverride"
+    );
 
     // Remove stops both services; purge leaves no unit, state or user behind.
     apt(&w, &["remove", "distcc-agent"]);

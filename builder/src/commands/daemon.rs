@@ -1,66 +1,119 @@
-//! `builderctl daemon`: a system-wide hosts file kept fresh (distcc-builder.service).
+//! `builderctl daemon` (distcc-builder.service): the machine's steering, failover and
+//! session socket; the logic is `distcc_builder::daemon`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use distcc_builder::host_list::{HostList, write_atomically};
-use distcc_builder::steer::{self, CutPolicy, SteeringConfig, SteeringEvent};
+use distcc_builder::daemon::{Daemon, DaemonSettings, failover_readiness};
+use distcc_builder::host_list::write_atomically;
+use distcc_builder::session_socket::{self, Failover};
+use distcc_builder::steer::{self, CutPolicy, SlowCuts, SteeringConfig, Survey};
 
 use super::BuilderSetup;
 
-pub async fn run(setup: &BuilderSetup, hosts_file: PathBuf) -> anyhow::Result<ExitCode> {
+/// The listening socket: systemd's (distcc-builder.socket), else `daemon_socket` bound
+/// here. Runs before the async runtime starts (it clears LISTEN_FDS/LISTEN_PID).
+pub struct Listener {
+    socket: std::os::unix::net::UnixListener,
+    /// Bound by this process (not activated): removed again on exit.
+    bound: Option<PathBuf>,
+}
+
+pub fn listen(setup: &BuilderSetup) -> anyhow::Result<Listener> {
+    let path = &setup.config.daemon_socket;
+    let (socket, activated) = session_socket::listener(path)
+        .with_context(|| format!("listening for sessions on {}", path.display()))?;
+    Ok(Listener {
+        socket,
+        bound: (!activated).then(|| path.clone()),
+    })
+}
+
+pub async fn run(
+    setup: &BuilderSetup,
+    hosts_file: PathBuf,
+    listener: Listener,
+) -> anyhow::Result<ExitCode> {
+    // The daemon alone reads the token on a build node; users go through it.
+    let access = setup.access()?.clone();
     let local = setup.local_compilers()?;
-    let (probes, list) = setup.survey(&local).await;
+    let (probes, list) = setup.survey(&local).await?;
     write_atomically(&hosts_file, &list.render())
         .with_context(|| format!("writing {}", hosts_file.display()))?;
-    let describe = |list: &HostList| {
-        format!(
-            "{} of {} workers, {} slots in {}",
-            list.included().count(),
-            list.workers.len(),
-            list.total_slots(),
-            hosts_file.display()
-        )
-    };
-    tracing::info!("{}", describe(&list));
+    let failover = failover_readiness();
+    if let Failover::NotArmed(why) = &failover {
+        tracing::warn!("failover NOT armed: {why}");
+    }
+    let daemon = Daemon::new(
+        DaemonSettings {
+            hosts_file: hosts_file.clone(),
+            user_workspaces: setup.config.user_workspaces.clone(),
+            failover,
+        },
+        Survey {
+            probes: probes.clone(),
+            list,
+        },
+    );
+    let Listener { socket, bound } = listener;
+    let socket =
+        tokio::net::UnixListener::from_std(socket).context("serving the session socket")?;
+    let server = session_socket::serve(
+        socket,
+        setup.config.build_group.clone(),
+        Arc::new(daemon.clone()),
+    );
+    tracing::info!("{}", daemon.describe());
     notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&describe(&list)),
+        sd_notify::NotifyState::Status(&daemon.describe()),
     ]);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("handling SIGTERM")?;
+    let on_event = daemon.clone();
     let steering = steer::steer(
         SteeringConfig {
-            access: setup.config.access.clone(),
+            access,
             deadline: setup.config.deadline,
-            interval: Duration::from_secs(2),
+            // The daemon owns failover for every build: the same pace as a session's.
+            interval: Duration::from_secs(1),
             local,
             policy: setup.policy.clone(),
-            hosts_file: hosts_file.clone(),
-            // The daemon serves builds it does not own (other users, CI): it steers new
-            // compiles but leaves their connections alone.
-            cuts: CutPolicy::never(),
-            survey: None,
+            hosts_file,
+            // A confirmed loss is cut for every build on the machine; a slow verdict only
+            // for the uids whose sessions asked for it.
+            cuts: CutPolicy {
+                lost: true,
+                slow: SlowCuts::OwnedBy(daemon.slow_cut_uids()),
+            },
+            // Sessions and users' status/hosts are answered from it.
+            survey: Some(daemon.survey_sender()),
         },
         probes,
-        |event| {
-            for line in event.describe() {
-                tracing::info!(kind = event.kind(), "{line}");
-            }
-            if let SteeringEvent::HostsChanged { after, .. } = event {
-                notify(&[sd_notify::NotifyState::Status(&describe(after))]);
-            }
-        },
+        move |event| on_event.on_event(&event),
     );
-    tokio::select! {
-        () = steering => {}
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    tokio::pin!(steering);
+    tokio::pin!(server);
+    // SIGTERM (systemctl stop) ends it; Ctrl-C when run by hand does the same.
+    let result = loop {
+        tokio::select! {
+            () = &mut steering => {}
+            served = &mut server => break served.context("serving the session socket"),
+            () = daemon.changed() => {
+                notify(&[sd_notify::NotifyState::Status(&daemon.describe())]);
+            }
+            _ = terminate.recv() => break Ok(()),
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+        }
+    };
     notify(&[sd_notify::NotifyState::Stopping]);
-    Ok(ExitCode::SUCCESS)
+    if let Some(path) = &bound {
+        let _ = std::fs::remove_file(path);
+    }
+    result.map(|()| ExitCode::SUCCESS)
 }
 
 fn notify(states: &[sd_notify::NotifyState<'_>]) {

@@ -20,7 +20,7 @@ pub async fn run(setup: &BuilderSetup, distcc_dir: Option<PathBuf>) -> anyhow::R
         None => default_dir()?,
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (_, list) = setup.survey(&local).await;
+    let (_, list) = setup.survey(&local).await?;
     write_atomically(&dir.join("hosts"), &list.render())
         .with_context(|| format!("writing {}/hosts", dir.display()))?;
     let mut vars = session::session_env(

@@ -8,11 +8,12 @@ use super::{BuilderSetup, exit_for, print_workers_json};
 
 pub async fn validate(setup: &BuilderSetup, json: bool) -> anyhow::Result<ExitCode> {
     let local = setup.local_compilers().unwrap_or_default();
-    let (probes, _) = setup.survey(&local).await;
+    let (probes, _) = setup.survey(&local).await?;
+    let access = setup.access()?;
     let results = futures_util::future::join_all(probes.iter().map(|p| {
         ops::validate_one(
             p,
-            &setup.config.access,
+            access,
             &local,
             setup.config.deadline,
             setup.config.operation_deadline,
@@ -41,10 +42,11 @@ pub async fn validate(setup: &BuilderSetup, json: bool) -> anyhow::Result<ExitCo
 }
 
 pub async fn smoketest(setup: &BuilderSetup, json: bool) -> anyhow::Result<ExitCode> {
+    let access = setup.access()?;
     let results = futures_util::future::join_all(setup.config.workers.iter().map(|w| {
         ops::smoketest_one(
             w,
-            &setup.config.access,
+            access,
             setup.config.deadline,
             setup.config.operation_deadline,
         )
@@ -74,7 +76,7 @@ pub async fn control(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let workers = ops::select_workers(&setup.config.workers, names)?;
-    let admin = setup.config.access.admin()?;
+    let admin = setup.config.admin_access()?;
     let results = ops::control_all(
         &workers,
         &admin,

@@ -2,11 +2,11 @@
 
 use std::process::ExitCode;
 
-use super::{BuilderSetup, exit_for};
+use super::{BuilderSetup, exit_for, survey_views};
 
 pub async fn run(setup: &BuilderSetup, json: bool) -> anyhow::Result<ExitCode> {
     let local = setup.local_compilers()?;
-    let (_, list) = setup.survey(&local).await;
+    let (_, list) = survey_views(setup, &local).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {

@@ -10,13 +10,14 @@ pub mod hosts;
 pub mod monitor;
 pub mod status;
 pub mod trust;
+pub mod workspace;
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use distcc_builder::cluster::{Probe, host_list, probe_all};
-use distcc_builder::config::BuilderConfig;
+use distcc_builder::cluster::{Probe, WorkerView, host_list, probe_all, views};
+use distcc_builder::config::{AgentAccess, BuilderConfig};
 use distcc_builder::host_list::{HostList, LocalCompiler, Policy};
 use distcc_builder::local;
 
@@ -25,6 +26,8 @@ use distcc_builder::local;
 pub struct BuilderSetup {
     pub config: BuilderConfig,
     pub policy: Policy,
+    /// The agents' access, read from the token file at first use (see [`Self::access`]).
+    access: std::sync::OnceLock<AgentAccess>,
 }
 
 impl BuilderSetup {
@@ -35,7 +38,23 @@ impl BuilderSetup {
             local_slots: config.local_slots,
             lzo: config.lzo,
         };
-        Ok(Self { config, policy })
+        Ok(Self {
+            config,
+            policy,
+            access: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The agents' access (the read token), for commands that talk to them themselves.
+    pub fn access(&self) -> anyhow::Result<&AgentAccess> {
+        if let Some(access) = self.access.get() {
+            return Ok(access);
+        }
+        let access = self.config.access().context(
+            "reading the agents' token (users without it go through the builder daemon: \
+             systemctl enable --now distcc-builder.socket)",
+        )?;
+        Ok(self.access.get_or_init(|| access))
     }
 
     /// The configured compilers as found on this builder.
@@ -50,16 +69,35 @@ impl BuilderSetup {
     }
 
     /// Every worker's status, in parallel, and the host list it makes.
-    pub async fn survey(&self, local: &[LocalCompiler]) -> (Vec<Probe>, HostList) {
-        let probes = probe_all(
-            &self.config.workers,
-            &self.config.access,
-            self.config.deadline,
-        )
-        .await;
+    pub async fn survey(&self, local: &[LocalCompiler]) -> anyhow::Result<(Vec<Probe>, HostList)> {
+        let probes = probe_all(&self.config.workers, self.access()?, self.config.deadline).await;
         let list = host_list(&probes, local, &self.policy);
-        (probes, list)
+        Ok((probes, list))
     }
+}
+
+/// The workers and the host list for `status`, `hosts` and `monitor`: root asks the
+/// agents itself; a user asks the builder daemon (which holds the token), and only
+/// without one reachable reads the token itself.
+pub async fn survey_views(
+    setup: &BuilderSetup,
+    local: &[LocalCompiler],
+) -> anyhow::Result<(Vec<WorkerView>, HostList)> {
+    use distcc_builder::session_socket::{Client, ClientError};
+    if !nix::unistd::geteuid().is_root() {
+        let snapshot = match Client::connect(&setup.config.daemon_socket).await {
+            Ok(mut client) => client.snapshot().await,
+            Err(e) => Err(e),
+        };
+        match snapshot {
+            Ok(snapshot) => return Ok((snapshot.workers, snapshot.host_list)),
+            // No daemon, or not allowed to use it: this user's own token, if any.
+            Err(ClientError::Unreachable { .. } | ClientError::PermissionDenied { .. }) => {}
+            Err(e) => return Err(e).context("asking the builder daemon"),
+        }
+    }
+    let (probes, list) = setup.survey(local).await?;
+    Ok((views(&probes, &list), list))
 }
 
 pub fn exit_for(all_fine: bool) -> ExitCode {

@@ -8,9 +8,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use distcc_builder::state_files;
 
-use distcc_builder::cluster::views;
-
-use super::BuilderSetup;
+use super::{BuilderSetup, survey_views};
 
 pub async fn run(
     setup: &BuilderSetup,
@@ -25,7 +23,7 @@ pub async fn run(
     loop {
         let tasks = state_files::read_states(&dir, SystemTime::now())
             .with_context(|| format!("reading {}/state", dir.display()))?;
-        let (probes, list) = setup.survey(&[]).await;
+        let (workers, _) = survey_views(setup, &[]).await?;
         if tty && !once {
             print!("\x1b[H\x1b[2J");
         }
@@ -41,7 +39,7 @@ pub async fn run(
             );
         }
         println!();
-        for w in views(&probes, &list) {
+        for w in workers {
             println!(
                 "{:<22} {:<10} running {:>3}  load {:>5}",
                 w.endpoint,

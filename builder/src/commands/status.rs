@@ -4,17 +4,16 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use distcc_builder::cluster::{WorkerView, views};
+use distcc_builder::cluster::WorkerView;
 
-use super::{BuilderSetup, exit_for, print_workers_json};
+use super::{BuilderSetup, exit_for, print_workers_json, survey_views};
 
 pub async fn run(setup: &BuilderSetup, json: bool, watch: bool) -> anyhow::Result<ExitCode> {
     // Compilers are compared only when they can be described; status must work on a
     // builder without them, so a failure here just leaves the comparison out.
     let local = setup.local_compilers().unwrap_or_default();
     loop {
-        let (probes, list) = setup.survey(&local).await;
-        let workers = views(&probes, &list);
+        let (workers, _) = survey_views(setup, &local).await?;
         if watch && std::io::stdout().is_terminal() {
             print!("\x1b[H\x1b[2J");
         }

@@ -20,7 +20,7 @@ enum Seen {
 }
 
 pub async fn run(setup: &BuilderSetup, names: &[String], yes: bool) -> anyhow::Result<ExitCode> {
-    let Transport::Tls(tls) = &setup.config.access.transport else {
+    let Transport::Tls(tls) = &setup.config.transport else {
         bail!(
             "insecure_plaintext = true: this builder does not use TLS, there is nothing to trust"
         );
@@ -117,7 +117,7 @@ pub async fn run(setup: &BuilderSetup, names: &[String], yes: bool) -> anyhow::R
 
     // A full handshake through the pinned verifier: the worker holds the certificate's key.
     for (endpoint, _) in &to_record {
-        if let Err(e) = connect(endpoint, &setup.config.access, setup.config.deadline).await {
+        if let Err(e) = connect(endpoint, setup.access()?, setup.config.deadline).await {
             failed = true;
             println!("{endpoint:<22} pinned, but the verified connection failed: {e}");
         }

@@ -41,13 +41,17 @@ impl Builder {
             dir.path().join("builder.toml"),
             format!(
                 "workers = [{}]\ntoken_file = \"{}\"\nadmin_token_file = \"{}\"\nworkspace = \"{}\"\ntmpfs_size = \"64M\"\n\
-                 deadline_ms = {}\noperation_deadline_ms = 30000\nknown_workers = \"{}\"\n",
+                 deadline_ms = {}\noperation_deadline_ms = 30000\nknown_workers = \"{}\"\n\
+                 daemon_socket = \"{}\"\n",
                 workers.join(", "),
                 dir.path().join("token").display(),
                 dir.path().join("admin-token").display(),
                 workspace.display(),
                 DEADLINE.as_millis(),
                 dir.path().join("known_workers").display(),
+                // Each test's own: a root session finds a daemon only where its test
+                // started one.
+                dir.path().join("session.sock").display(),
             ),
         )
         .unwrap();
