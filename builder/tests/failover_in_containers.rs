@@ -504,11 +504,7 @@ fn a_plain_make_survives_a_lost_worker_through_the_daemon() {
     let reference = builder.dir.path().join("reference");
     std::fs::create_dir(&reference).unwrap();
     let theirs = build_locally(&source, &reference);
-    for unit in std::iter::once("main".to_owned()).chain((0..UNITS).map(|u| format!("u{u}"))) {
-        let ours = std::fs::read(build.join(format!("{unit}.o"))).unwrap();
-        let theirs = std::fs::read(reference.join(format!("{unit}.o"))).unwrap();
-        assert!(ours == theirs, "{unit}.o differs from the local build");
-    }
+    assert_same_objects(&build, &reference);
     let ours = Command::new("./prog").current_dir(&build).output().unwrap();
     assert!(theirs.status.success());
     assert_eq!(ours.stdout, theirs.stdout);
