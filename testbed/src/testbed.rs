@@ -672,6 +672,13 @@ impl WorkerInner {
     }
 
     fn exec(&self, argv: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<Output> {
+        let mut cmd = self.command(argv)?;
+        run(&mut cmd, stdin, timeout)
+            .with_context(|| format!("worker {}: running {argv:?}", self.name))
+    }
+
+    /// `nsenter` into the container running `argv`, not started yet.
+    fn command(&self, argv: &[&str]) -> Result<Command> {
         ensure!(!argv.is_empty(), "empty command");
         self.ensure_nspawn_alive()?;
         let pid1 = *lock(&self.pid1);
@@ -688,8 +695,7 @@ impl WorkerInner {
             .env("HOME", "/root")
             .env("SYSTEMD_PAGER", "")
             .env("SYSTEMD_COLORS", "0");
-        run(&mut cmd, stdin, timeout)
-            .with_context(|| format!("worker {}: running {argv:?}", self.name))
+        Ok(cmd)
     }
 
     fn begin_stop(&self) {
@@ -810,6 +816,36 @@ impl Worker {
     /// here: inspect the returned status.
     pub fn exec(&self, argv: &[&str]) -> Result<Output> {
         self.inner.exec(argv, None, EXEC_TIMEOUT)
+    }
+
+    /// The command [`Worker::exec`] runs, not started: for a long-running process a test
+    /// spawns and waits for itself (a build). It enters all of the container's namespaces
+    /// with a clean environment, but stays in the host's cgroup: give it a process group
+    /// of its own and kill that when done (the container's systemd does not supervise it).
+    pub fn command(&self, argv: &[&str]) -> Result<Command> {
+        self.inner.command(argv)
+    }
+
+    /// Established TCP connections between this worker's `port` and `peer` (any port of
+    /// it), as `ss` inside the worker counts them: how many streams a builder holds open
+    /// to the agent, or how many compiles it has in flight on distccd.
+    pub fn connections_from(&self, peer: Ipv4Addr, port: u16) -> Result<usize> {
+        let sport = format!(":{port}");
+        let peer = peer.to_string();
+        let out = self.exec_ok(&[
+            "ss",
+            "-H",
+            "-n",
+            "-t",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &sport,
+            "dst",
+            &peer,
+        ])?;
+        Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
     }
 
     /// [`Worker::exec`] that returns stdout, and an error carrying the exit status, stdout
