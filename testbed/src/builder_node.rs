@@ -317,19 +317,25 @@ impl BuilderNode {
         check(&format!("{argv:?} as {user} in the build node"), &out)
     }
 
+    /// The command [`BuilderNode::run_as`] runs, not started (see [`Worker::command`]: a
+    /// caller that spawns it kills its process group when done).
+    pub fn command_as(&self, user: &str, argv: &[&str]) -> Result<std::process::Command> {
+        let home = format!("/home/{user}");
+        let full = Self::user_argv(user, &home, argv);
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        self.worker.command(&full)
+    }
+
     /// Starts `argv` as `user` in the background (a build), in a process group of its
     /// own; its output goes to files (read it with [`Spawned::wait`] or
     /// [`Spawned::output_so_far`]). Dropping the handle kills the group.
     pub fn spawn_as(&self, user: &str, argv: &[&str]) -> Result<Spawned> {
         use std::os::unix::process::CommandExt as _;
-        let home = format!("/home/{user}");
-        let full = Self::user_argv(user, &home, argv);
-        let full: Vec<&str> = full.iter().map(String::as_str).collect();
         let dir = tempfile::Builder::new()
             .prefix("distcc-testbed-spawned-")
             .tempdir()?;
         let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
-        let mut cmd = self.worker.command(&full)?;
+        let mut cmd = self.command_as(user, argv)?;
         cmd.stdin(Stdio::null())
             .stdout(std::fs::File::create(&out)?)
             .stderr(std::fs::File::create(&err)?)
