@@ -164,7 +164,9 @@ impl Testbed {
             "the builder package's files are missing: {missing:?} (the units of \
              docs/BUILDER-NODE.md; BuilderInstall::with_units names another folder)"
         );
-        let mut spec = spec;
+        // The daemon aborts connections to a lost worker (`ss -K`): a real build node's
+        // root has CAP_NET_ADMIN, nspawn's default bounding set does not.
+        let mut spec = spec.capability("CAP_NET_ADMIN");
         for (host, container) in install.binds() {
             spec = spec.bind_ro(host, container);
         }

@@ -37,6 +37,8 @@ pub struct WorkerSpec {
     name: String,
     binds: Vec<(PathBuf, PathBuf, bool)>,
     bpf: bool,
+    /// Capabilities added to nspawn's default bounding set (`--capability=`).
+    capabilities: Vec<String>,
 }
 
 impl WorkerSpec {
@@ -48,6 +50,7 @@ impl WorkerSpec {
             name: name.into(),
             binds: Vec::new(),
             bpf: true,
+            capabilities: Vec::new(),
         }
     }
 
@@ -73,6 +76,16 @@ impl WorkerSpec {
     /// and IPAddressAllow= silently not enforced).
     pub fn without_bpf(mut self) -> WorkerSpec {
         self.bpf = false;
+        self
+    }
+
+    /// Adds capability `name` (e.g. `CAP_NET_ADMIN`) to the container's bounding set.
+    /// nspawn's default set lacks CAP_NET_ADMIN even with a network namespace of the
+    /// container's own (`--network-namespace-path=`): without it no process inside, root
+    /// included, can abort sockets (`ss -K`) or gain it through `AmbientCapabilities=`
+    /// (systemd drops what the bounding set lacks, silently).
+    pub fn capability(mut self, name: impl Into<String>) -> WorkerSpec {
+        self.capabilities.push(name.into());
         self
     }
 
@@ -557,6 +570,9 @@ impl WorkerInner {
             // systemd then silently runs units WITHOUT the firewall (see docs/TESTBED.md).
             cmd.arg("--capability=CAP_BPF")
                 .arg("--system-call-filter=bpf");
+        }
+        for capability in &spec.capabilities {
+            cmd.arg(format!("--capability={capability}"));
         }
         for (host, container, ro) in &spec.binds {
             cmd.arg(bind_arg(host, container, *ro));
