@@ -12,8 +12,9 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
-use std::process::Output;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{BUILDERCTL, UNITS, boot_cluster, eventually, repo_root, write_slow_project};
@@ -24,8 +25,6 @@ use distcc_testbed::{
 
 /// The slow C project, read-only in the node; every build copies it.
 const PROJECT: &str = "/srv/project";
-/// Where root builds the reference with plain `make CC=gcc`.
-const REFERENCE: &str = "/root/reference";
 /// distccd's port on the workers.
 const DISTCC_PORT: u16 = 3632;
 /// Catches a compile that waits out distcc's 300 s IO timeout; not a benchmark.
@@ -84,16 +83,6 @@ impl Cluster {
                     .unwrap_or_else(|| panic!("no compile_ok for {} in {doc}", w.ip()))
             })
             .collect()
-    }
-
-    /// Root's plain local build of the project (`make CC=gcc`), once; returns what the
-    /// program prints.
-    fn reference_output(&self) -> String {
-        let script = format!(
-            "set -e; if [ ! -e {REFERENCE}/prog ]; then mkdir -p {REFERENCE}; cd {REFERENCE}; \
-             cp {PROJECT}/* .; make -s -j2 CC=gcc; fi; cd {REFERENCE}; ./prog"
-        );
-        self.node.exec_ok(&["sh", "-c", &script]).unwrap()
     }
 
     fn file(&self, path: &str) -> Option<String> {
@@ -177,25 +166,28 @@ impl BuildRun {
     /// The program's output equals the local build's, and every object is
     /// byte-identical to it.
     fn assert_same_as_local(&self, cluster: &Cluster) {
-        let reference = cluster.reference_output();
+        let reference = reference();
         assert_eq!(
             cluster.file(&self.mark("output")).unwrap_or_default(),
-            reference,
+            reference.output,
             "{}'s program prints something else than the local build's",
             self.user
         );
-        let units: Vec<String> = std::iter::once("main".to_owned())
+        let differing: Vec<String> = std::iter::once("main".to_owned())
             .chain((0..UNITS).map(|u| format!("u{u}")))
+            .map(|unit| format!("{unit}.o"))
+            .filter(|object| {
+                let out = cluster
+                    .node
+                    .exec(&["cat", &self.mark(&format!("objects/{object}"))])
+                    .unwrap();
+                !out.status.success()
+                    || out.stdout != std::fs::read(reference.dir.join(object)).unwrap()
+            })
             .collect();
-        let script = format!(
-            "cd {} && for u in {}; do cmp -s $u.o {REFERENCE}/$u.o || echo $u.o; done",
-            self.mark("objects"),
-            units.join(" ")
-        );
-        let differing = cluster.node.exec_ok(&["sh", "-c", &script]).unwrap();
         assert!(
-            differing.trim().is_empty(),
-            "objects of {}'s build differ from the local build's: {differing}",
+            differing.is_empty(),
+            "objects of {}'s build differ from the local build's: {differing:?}",
             self.user
         );
     }
@@ -203,6 +195,42 @@ impl BuildRun {
     fn steering_log(&self, cluster: &Cluster) -> String {
         cluster.file(&self.mark("steering.log")).unwrap_or_default()
     }
+}
+
+/// The project built on the host with plain `make CC=gcc`, once per test binary: what
+/// every build in the node must reproduce (the workers' and the node's compilers are the
+/// rootfs's, the same Debian packages as the host's; failover_in_containers.rs compares
+/// the same way).
+struct Reference {
+    dir: PathBuf,
+    /// What its program prints.
+    output: String,
+}
+
+fn reference() -> &'static Reference {
+    static REFERENCE: OnceLock<Reference> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("builder_node-reference");
+        let _ = std::fs::remove_dir_all(&dir);
+        write_slow_project(&dir);
+        let out = Command::new("make")
+            .args(["-s", "-j2", "CC=gcc"])
+            .current_dir(&dir)
+            .env_remove("DISTCC_HOSTS")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "the local build: {}", text(&out));
+        let run = Command::new("./prog").current_dir(&dir).output().unwrap();
+        assert!(
+            run.status.success(),
+            "the local build's program: {}",
+            text(&run)
+        );
+        Reference {
+            dir,
+            output: String::from_utf8(run.stdout).unwrap(),
+        }
+    })
 }
 
 /// `builderctl enter -- sh -c SCRIPT` as `user`, with `env` (`K=V`) before it.
