@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::{BUILDERCTL, UNITS, boot_cluster, eventually, repo_root, write_slow_project};
 use distcc_testbed::{
     AGENT_PORT, BUILDER_SERVICE, BuilderInstall, BuilderNode, Rootfs, SESSION_SOCKET,
-    SYSTEM_HOSTS_FILE, Testbed, USER_WORKSPACES, Worker, WorkerSpec, builder_node_config,
+    SYSTEM_HOSTS_FILE, Spawned, Testbed, USER_WORKSPACES, Worker, WorkerSpec, builder_node_config,
 };
 
 /// The slow C project, read-only in the node; every build copies it.
@@ -111,6 +111,33 @@ impl Cluster {
         );
         victim.set_link(false).unwrap();
         Instant::now()
+    }
+
+    /// Waits for `build`, started at `started`, during which `victim` was cut off at
+    /// `cut_at`; brings the link back; the build must have succeeded far below distcc's
+    /// IO timeout. Returns how long it took.
+    fn finish_after_cut(
+        &self,
+        build: Spawned,
+        started: Instant,
+        cut_at: Instant,
+        victim: &Worker,
+        what: &str,
+    ) -> Duration {
+        let out = build.wait(Duration::from_secs(240)).unwrap();
+        let took = started.elapsed();
+        victim.set_link(true).unwrap();
+        assert!(out.status.success(), "{what}: {}", text(&out));
+        assert!(
+            took < BUILD_BOUND,
+            "{what} took {took:?} ({:?} after {} was cut): a compile waited for distcc's IO \
+             timeout\n{}",
+            cut_at.elapsed(),
+            victim.name(),
+            self.node.journal(BUILDER_SERVICE, 40)
+        );
+        eprintln!("{what}: {took:?}");
+        took
     }
 }
 
@@ -293,19 +320,7 @@ fn a_user_builds_through_the_cluster_and_survives_a_lost_worker() {
     let started = Instant::now();
     let build = node.spawn_as("alice", &enter_argv(&[], &script)).unwrap();
     let cut_at = cluster.cut_mid_build(w2);
-    let out = build.wait(Duration::from_secs(240)).unwrap();
-    let took = started.elapsed();
-    w2.set_link(true).unwrap();
-    assert!(
-        out.status.success(),
-        "alice's build with w2 cut: {}",
-        text(&out)
-    );
-    assert!(
-        took < BUILD_BOUND,
-        "alice's build took {took:?} ({:?} after the cut): a compile waited for distcc's IO timeout",
-        cut_at.elapsed()
-    );
+    cluster.finish_after_cut(build, started, cut_at, w2, "alice's build with w2 cut");
     let log = run.steering_log(&cluster);
     let w2_endpoint = Cluster::endpoint(w2);
     assert!(
@@ -314,7 +329,6 @@ fn a_user_builds_through_the_cluster_and_survives_a_lost_worker() {
         "alice's steering log shows no aborted connections to w2:\n{log}"
     );
     run.assert_same_as_local(&cluster);
-    eprintln!("alice's build with w2 cut: {took:?}");
 }
 
 /// A plain `make CC="distcc gcc"` (cron, CI) never talks to the daemon, yet the daemon's
@@ -350,18 +364,8 @@ fn a_plain_make_survives_a_lost_worker_with_the_daemon_running() {
                 .is_some_and(|h| h.contains(&format!("# excluded {}", Cluster::endpoint(w2))))
         },
     );
-    let out = build.wait(Duration::from_secs(240)).unwrap();
-    let took = started.elapsed();
-    w2.set_link(true).unwrap();
-    assert!(out.status.success(), "the plain make: {}", text(&out));
-    assert!(
-        took < BUILD_BOUND,
-        "the plain make took {took:?} ({:?} after the cut):\n{}",
-        cut_at.elapsed(),
-        node.journal(BUILDER_SERVICE, 40)
-    );
+    cluster.finish_after_cut(build, started, cut_at, w2, "the plain make with w2 cut");
     run.assert_same_as_local(&cluster);
-    eprintln!("plain make with w2 cut: {took:?}");
 }
 
 /// Two users: neither can read, write, enter or unmount the other's workspace; `leave`
@@ -539,16 +543,12 @@ fn the_daemon_restarted_mid_build_and_failover_is_armed_again() {
         },
     );
     let cut_at = cluster.cut_mid_build(w2);
-    let out = build.wait(Duration::from_secs(240)).unwrap();
-    let took = started.elapsed();
-    w2.set_link(true).unwrap();
-    assert!(out.status.success(), "alice's build: {}", text(&out));
-    assert!(
-        took < BUILD_BOUND,
-        "alice's build took {took:?} ({:?} after w2 was cut, after the daemon's restart): \
-         failover was not armed again\n{}",
-        cut_at.elapsed(),
-        node.journal(BUILDER_SERVICE, 40)
+    cluster.finish_after_cut(
+        build,
+        started,
+        cut_at,
+        w2,
+        "alice's build with w2 cut after the daemon's restart (failover armed again?)",
     );
     run.assert_same_as_local(&cluster);
     eprintln!("steering log:\n{}", run.steering_log(&cluster));
