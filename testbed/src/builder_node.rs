@@ -111,7 +111,8 @@ impl BuilderInstall {
 
 /// The builder's configuration for `workers` (agent endpoints): the tokens and the pins
 /// where the package keeps them, a 1 s RPC deadline as in the other container tests,
-/// then `extra` (more `key = value` lines).
+/// then `extra` (more `key = value` lines, e.g. `tmpfs_size`: the builder's default
+/// otherwise).
 pub fn builder_node_config(workers: &[&Worker], extra: &str) -> String {
     let endpoints: Vec<String> = workers
         .iter()
@@ -122,7 +123,7 @@ pub fn builder_node_config(workers: &[&Worker], extra: &str) -> String {
          token_file = \"/etc/distcc-builder/token\"\n\
          admin_token_file = \"/etc/distcc-builder/admin-token\"\n\
          known_workers = \"/etc/distcc-builder/known_workers\"\n\
-         deadline_ms = 1000\noperation_deadline_ms = 30000\ntmpfs_size = \"256M\"\n{extra}",
+         deadline_ms = 1000\noperation_deadline_ms = 30000\n{extra}",
         endpoints.join(", ")
     )
 }
