@@ -33,7 +33,14 @@ const SLOW_PERCENT: u32 = 20;
 const BUILD_DIR: &str = "/tmp/distcc-bench-kbuild";
 /// What building Linux needs besides gcc and make (`testbed/setup-host --kernel` on the
 /// host): the build node of case 8 boots a rootfs variant with them.
-pub const KERNEL_BUILD_PACKAGES: &[&str] = &["flex", "bison", "bc", "libelf-dev", "libssl-dev"];
+pub const KERNEL_BUILD_PACKAGES: &[&str] = &[
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "libssl-dev",
+    "xz-utils",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Tool {
