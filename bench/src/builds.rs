@@ -18,6 +18,7 @@ use distcc_testbed::{CpuQuota, REPRODUCIBLE_BUILD_ENV, Worker};
 use crate::cases::{LinkGuard, Section, is_mounted, ratio, run_stamp};
 use crate::icecream::Icecream;
 use crate::run::{BuilderConfig, CpuClock, median};
+use crate::user_node::UserNode;
 use crate::{Bench, Case};
 
 /// `make -j` of every distributed build (the issue's figure).
@@ -30,6 +31,16 @@ const LOSE_AFTER: Duration = Duration::from_secs(30);
 const SLOW_PERCENT: u32 = 20;
 /// Where every build goes (a tmpfs, the same path for all, so outputs compare).
 const BUILD_DIR: &str = "/tmp/distcc-bench-kbuild";
+/// What building Linux needs besides gcc and make (`testbed/setup-host --kernel` on the
+/// host): the build node of case 8 boots a rootfs variant with them.
+pub const KERNEL_BUILD_PACKAGES: &[&str] = &[
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "libssl-dev",
+    "xz-utils",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Tool {
@@ -39,6 +50,9 @@ pub enum Tool {
     Ours,
     /// `make -j8 CC="icecc gcc"` with icecream's scheduler and daemons.
     Icecc,
+    /// The same make inside `builderctl enter` run by an ordinary user on the build node
+    /// container, through the builder daemon (case 8).
+    User,
 }
 
 impl Tool {
@@ -48,13 +62,14 @@ impl Tool {
             Tool::Raw => "raw",
             Tool::Ours => "ours",
             Tool::Icecc => "icecc",
+            Tool::User => "user",
         }
     }
 
     /// The worker daemon that runs this tool's compiles (what the slow scenario throttles).
     fn worker_daemon(self) -> &'static str {
         match self {
-            Tool::Raw | Tool::Ours => "distccd",
+            Tool::Raw | Tool::Ours | Tool::User => "distccd",
             Tool::Icecc => "iceccd",
         }
     }
@@ -64,6 +79,7 @@ impl Tool {
             Tool::Raw => "raw distcc",
             Tool::Ours => "builderctl enter",
             Tool::Icecc => "icecream",
+            Tool::User => "ordinary user, build node",
         }
     }
 }
@@ -165,10 +181,12 @@ impl Results {
     /// back to back, so a slow spell of the shared machine hits both sides of a pair;
     /// the median of these is steadier than a ratio of medians.
     fn paired_ratios(&self, scenario: Scenario, baseline: Tool) -> Vec<f64> {
-        let (Some(ours), Some(base)) = (
-            self.runs.get(&(scenario, Tool::Ours)),
-            self.runs.get(&(scenario, baseline)),
-        ) else {
+        self.paired((scenario, Tool::Ours), (scenario, baseline))
+    }
+
+    /// `a` / `b` within each repeat where both finished (see `paired_ratios`).
+    fn paired(&self, a: (Scenario, Tool), b: (Scenario, Tool)) -> Vec<f64> {
+        let (Some(ours), Some(base)) = (self.runs.get(&a), self.runs.get(&b)) else {
             return Vec::new();
         };
         ours.iter()
@@ -309,43 +327,55 @@ impl KernelBuild {
     /// arch/x86/boot/compressed/piggy.o, and its length in the setup header's sizes
     /// (arch/x86/boot/header.o). Everything else must be byte-identical.
     fn objects(&self) -> Result<BTreeMap<String, String>> {
-        let script = r#"set -e
-            tmp=$(mktemp)
-            trap 'rm -f "$tmp"' EXIT
-            cd "$1"
-            find . -name '*.o' -type f | sort | while read -r f; do
-                strip --strip-debug -o "$tmp" "$f"
-                printf '%s  %s\n' "$(sha256sum < "$tmp" | cut -d' ' -f1)" "${f#./}"
-            done"#;
         let out = Command::new("bash")
-            .args(["-c", script, "checksum"])
+            .args(["-c", CHECKSUM_OBJECTS, "checksum"])
             .arg(&self.dir)
             .output()
             .context("checksumming the objects")?;
-        ensure!(
-            out.status.success(),
-            "cannot checksum the objects: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let objects: BTreeMap<String, String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|line| {
-                let (sum, path) = line.split_once("  ")?;
-                let banner = path.starts_with("init/version")
-                    || matches!(
-                        path,
-                        "vmlinux.o" | "arch/x86/boot/compressed/piggy.o" | "arch/x86/boot/header.o"
-                    );
-                (!banner).then(|| (path.to_owned(), sum.to_owned()))
-            })
-            .collect();
-        ensure!(
-            self.dir.join("vmlinux").exists() && objects.len() > 100,
-            "the build left no vmlinux or too few objects ({})",
-            objects.len()
-        );
-        Ok(objects)
+        objects_of(&out, self.dir.join("vmlinux").exists())
     }
+}
+
+/// `bash -c CHECKSUM_OBJECTS checksum DIR`: `SHA256  PATH` of every object file under
+/// DIR, debug sections stripped (see `KernelBuild::objects`).
+pub const CHECKSUM_OBJECTS: &str = r#"set -e
+    tmp=$(mktemp)
+    trap 'rm -f "$tmp"' EXIT
+    cd "$1"
+    find . -name '*.o' -type f | sort | while read -r f; do
+        strip --strip-debug -o "$tmp" "$f"
+        printf '%s  %s\n' "$(sha256sum < "$tmp" | cut -d' ' -f1)" "${f#./}"
+    done"#;
+
+/// The objects [`CHECKSUM_OBJECTS`] printed, by path, without the ones that carry the
+/// kernel banner; an error unless the build left a vmlinux and a real number of objects.
+pub fn objects_of(
+    out: &std::process::Output,
+    has_vmlinux: bool,
+) -> Result<BTreeMap<String, String>> {
+    ensure!(
+        out.status.success(),
+        "cannot checksum the objects: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects: BTreeMap<String, String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (sum, path) = line.split_once("  ")?;
+            let banner = path.starts_with("init/version")
+                || matches!(
+                    path,
+                    "vmlinux.o" | "arch/x86/boot/compressed/piggy.o" | "arch/x86/boot/header.o"
+                );
+            (!banner).then(|| (path.to_owned(), sum.to_owned()))
+        })
+        .collect();
+    ensure!(
+        has_vmlinux && objects.len() > 100,
+        "the build left no vmlinux or too few objects ({})",
+        objects.len()
+    );
+    Ok(objects)
 }
 
 /// Objects whose checksums differ between two builds (or that only one has).
@@ -433,15 +463,31 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Cases 5 and/or 6 (`cases` says which), sharing the builderctl runs.
+/// `local_slots` and `lzo` from the command line, as builder.toml lines (both the host's
+/// configuration and the build node's get them).
+fn builder_knobs(bench: &Bench) -> String {
+    let mut knobs = String::new();
+    if let Some(n) = bench.args.local_slots {
+        knobs.push_str(&format!("local_slots = {n}\n"));
+    }
+    if let Some(lzo) = bench.args.lzo {
+        knobs.push_str(&format!("lzo = {lzo}\n"));
+    }
+    knobs
+}
+
+/// Cases 5, 6 and/or 8 (`cases` says which), sharing the builderctl runs.
 pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
     let want_raw = cases.contains(&Case::Builds);
     let want_icecc = cases.contains(&Case::Icecream);
+    let want_user = cases.contains(&Case::UserBuilds);
     let scenarios: Vec<Scenario> = match &bench.args.scenarios {
         Some(names) => names
             .iter()
             .map(|n| parse_scenario(n))
             .collect::<Result<_>>()?,
+        // Case 8 alone: the issue's pair, a worker lost against healthy.
+        None if !want_raw && !want_icecc => vec![Scenario::Healthy, Scenario::Lost],
         None => Scenario::ALL.to_vec(),
     };
     let limit = Duration::from_secs(bench.args.build_limit_secs);
@@ -455,12 +501,8 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
         &bench.builderctl,
         &Bench::endpoints(&workers),
     )?;
-    if let Some(n) = bench.args.local_slots {
-        config.append(&format!("local_slots = {n}\n"))?;
-    }
-    if let Some(lzo) = bench.args.lzo {
-        config.append(&format!("lzo = {lzo}\n"))?;
-    }
+    let knobs = builder_knobs(bench);
+    config.append(&knobs)?;
     let raw_hosts: Vec<String> = workers
         .iter()
         .map(|w| format!("{}/{WORKER_JOBS}", w.ip()))
@@ -468,6 +510,11 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
     let raw_hosts = raw_hosts.join(" ");
     let icecream = if want_icecc {
         Some(Icecream::start(bench)?)
+    } else {
+        None
+    };
+    let user_node = if want_user {
+        Some(UserNode::boot(bench, &kernel.source, &knobs)?)
     } else {
         None
     };
@@ -480,11 +527,14 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
     if want_icecc {
         tools.push(Tool::Icecc);
     }
+    if want_user {
+        tools.push(Tool::User);
+    }
     if let Some(only) = &bench.args.tools {
         tools.retain(|t| only.iter().any(|o| o == t.key()));
         ensure!(
             !tools.is_empty(),
-            "--tools {only:?} selects none of raw, ours, icecc"
+            "--tools {only:?} selects none of raw, ours, icecc, user"
         );
     }
 
@@ -523,7 +573,10 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
                     continue;
                 }
                 serial += 1;
-                kernel.configure()?;
+                match (tool, &user_node) {
+                    (Tool::User, Some(node)) => node.configure()?,
+                    _ => kernel.configure()?,
+                }
                 let log = kernel
                     .logs
                     .join(format!("{serial:03}-{tool:?}-{scenario:?}.log"));
@@ -560,6 +613,18 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
                         ice.client_env(&mut cmd);
                         cmd
                     }
+                    Tool::User => {
+                        let Some(node) = &user_node else {
+                            bail!("the build node is not booted")
+                        };
+                        node.command(MAKE_JOBS)?
+                    }
+                };
+                // Where the victim's connects time out: the host's bridge for the host's
+                // builds, and the build node too for its user's.
+                let seen_from = match (tool, &user_node) {
+                    (Tool::User, Some(node)) => Some(node.worker()),
+                    _ => None,
                 };
                 let since = unix_now();
                 let cpu = CpuClock::now()?;
@@ -571,7 +636,11 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
                         _ => None,
                     };
                     let _dead = match scenario {
-                        Scenario::Dead => Some(LinkGuard::cut(victim, bench.bed.bridge())?),
+                        Scenario::Dead => Some(LinkGuard::cut_seen_from(
+                            victim,
+                            bench.bed.bridge(),
+                            seen_from,
+                        )?),
                         _ => None,
                     };
                     let outcome = std::thread::scope(|scope| -> Result<(Duration, bool)> {
@@ -581,7 +650,11 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
                                 match stopped.recv_timeout(LOSE_AFTER) {
                                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                                         tracing::info!("cutting {}'s link", victim.name());
-                                        Ok(Some(LinkGuard::cut(victim, bench.bed.bridge())?))
+                                        Ok(Some(LinkGuard::cut_seen_from(
+                                            victim,
+                                            bench.bed.bridge(),
+                                            seen_from,
+                                        )?))
                                     }
                                     _ => Ok(None),
                                 }
@@ -611,13 +684,20 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
                     // A killed session leaves its workspace mounted and its state behind.
                     let _ = config.command(&["leave"]).output();
                 }
+                if let (Tool::User, Some(node)) = (tool, &user_node) {
+                    node.keep_steering_log(&log.with_extension("steering.log"));
+                }
                 tracing::info!(
                     repeat, ?scenario, ?tool, secs = run.elapsed.as_secs_f64(),
                     cpu_secs = run.cpu_secs, finished = run.finished, per_worker = ?run.per_worker, "build"
                 );
                 if run.finished {
                     let what = format!("{} / {} (run {serial})", tool.label(), scenario.label());
-                    results.check(&what, kernel.objects()?);
+                    let objects = match (tool, &user_node) {
+                        (Tool::User, Some(node)) => node.objects()?,
+                        _ => kernel.objects()?,
+                    };
+                    results.check(&what, objects);
                 }
                 if scenario != Scenario::Healthy {
                     recover(victim, icecream.as_ref())?;
@@ -641,6 +721,12 @@ pub fn builds(bench: &Bench, cases: &[Case]) -> Result<Vec<(Case, Section)>> {
         sections.push((
             Case::Icecream,
             render(bench, &results, &scenarios, Tool::Icecc, limit),
+        ));
+    }
+    if want_user {
+        sections.push((
+            Case::UserBuilds,
+            render_user(bench, &results, &scenarios, limit),
         ));
     }
     Ok(sections)
@@ -800,6 +886,106 @@ fn render(
             None => String::new(),
         },
         "Compiles per worker: COMPILE_OK lines in each worker's distccd journal during the last run.".to_owned(),
+    ];
+    for n in notes {
+        let _ = writeln!(md, "- {n}");
+    }
+    Section { markdown: md }
+}
+
+/// Case 8: the ordinary user's builds on the build node beside root's on the host, and
+/// each one's lost / healthy (issue 11's target for the user: at most 1.10).
+fn render_user(
+    bench: &Bench,
+    results: &Results,
+    scenarios: &[Scenario],
+    limit: Duration,
+) -> Section {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "### Case 8: Linux 6.1 tinyconfig, `make -j{MAKE_JOBS}` in `builderctl enter`, an ordinary user on a build node beside root\n"
+    );
+    let _ = writeln!(md, "{}\n", run_stamp(bench));
+    let each = |ratios: &[f64]| {
+        if ratios.is_empty() {
+            "n/a".to_owned()
+        } else {
+            format!(
+                "{:.2} ({})",
+                median(ratios),
+                ratios
+                    .iter()
+                    .map(|r| format!("{r:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    let _ = writeln!(
+        md,
+        "| scenario | root, host (no daemon) | user, build node (daemon) | user / root (each repeat) | target | | compiles w1/w2/w3 (root; user) |"
+    );
+    let _ = writeln!(md, "| --- | ---: | ---: | ---: | --- | --- | --- |");
+    for &scenario in scenarios {
+        let paired = results.paired((scenario, Tool::User), (scenario, Tool::Ours));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | | | {}; {} |",
+            scenario.label(),
+            results.cell(scenario, Tool::Ours, limit),
+            results.cell(scenario, Tool::User, limit),
+            each(&paired),
+            results.spread(scenario, Tool::Ours),
+            results.spread(scenario, Tool::User),
+        );
+    }
+    if scenarios.contains(&Scenario::Healthy) && scenarios.contains(&Scenario::Lost) {
+        let root = results.paired(
+            (Scenario::Lost, Tool::Ours),
+            (Scenario::Healthy, Tool::Ours),
+        );
+        let user = results.paired(
+            (Scenario::Lost, Tool::User),
+            (Scenario::Healthy, Tool::User),
+        );
+        let met = (!user.is_empty()).then(|| median(&user) <= 1.10);
+        let _ = writeln!(
+            md,
+            "| **lost / healthy** (each repeat) | {} | {} | | user lost / user healthy <= 1.10 | {} | |",
+            each(&root),
+            each(&user),
+            match met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "",
+            }
+        );
+    }
+    md.push('\n');
+    let notes = [
+        format!(
+            "Medians of {} paired repeats (each repeat runs the scenarios in order, root's and the user's build back to back); all runs in parentheses, in seconds. A run past {} s is killed, counted as not finished, and not repeated. Lost / healthy is the median of each repeat's ratio.",
+            bench.args.build_repeats,
+            limit.as_secs()
+        ),
+        "Root: `builderctl enter` as root in the host's namespace with no daemon (it steers and cuts by itself), as in case 5. User: `alice`, a member of `distcc-build` made by the bench in a build node container on the same bridge (`distcc_testbed::BuilderNode`: the package's units, polkit rule and sysusers, tokens `root:distcc-builder 0640` she cannot read), runs `builderctl enter` in her daemon-mounted tmpfs workspace; the daemon (`distcc-builder.service`, CAP_NET_ADMIN only) follows the workers and aborts the lost worker's connections. Both use the same workers, `make` line and kernel tree (bound read-only into the node at the same path).".to_owned(),
+        format!(
+            "Lost = w3's link cut {} s into the build (and a permanent neighbour entry for it where the builder runs, so connects time out), back after it.",
+            LOSE_AFTER.as_secs()
+        ),
+        match (&results.reference, results.mismatches.is_empty()) {
+            (Some(objects), true) => format!(
+                "Correctness: in each of the {} other finished builds (root's and the user's), all {} object files are byte-identical to the first build's (debug sections stripped; the banner's objects left out, as in case 5).",
+                results.checked,
+                objects.len()
+            ),
+            (None, _) => "Correctness: no build finished, nothing compared.".to_owned(),
+            (Some(_), false) => format!(
+                "**Correctness: outputs differ**: {}",
+                results.mismatches.join("; ")
+            ),
+        },
     ];
     for n in notes {
         let _ = writeln!(md, "- {n}");

@@ -212,30 +212,59 @@ const RESET_PLAYBOOK: &str = r#"# The old way: restart distccd and wait for its 
 pub struct LinkGuard<'a> {
     worker: &'a Worker,
     bridge: String,
+    /// A container that builds too (the build node): its own neighbour entry.
+    seen_from: Option<&'a Worker>,
 }
 
 impl<'a> LinkGuard<'a> {
     pub fn cut(worker: &'a Worker, bridge: String) -> Result<LinkGuard<'a>> {
+        Self::cut_seen_from(worker, bridge, None)
+    }
+
+    /// [`LinkGuard::cut`], with the permanent neighbour entry also inside `seen_from`'s
+    /// namespace (on its eth0): a builder container's connects time out the same way.
+    pub fn cut_seen_from(
+        worker: &'a Worker,
+        bridge: String,
+        seen_from: Option<&'a Worker>,
+    ) -> Result<LinkGuard<'a>> {
         let mac = worker.exec_ok(&["cat", "/sys/class/net/eth0/address"])?;
-        let guard = LinkGuard { worker, bridge };
+        let guard = LinkGuard {
+            worker,
+            bridge,
+            seen_from,
+        };
         let ip = worker.ip().to_string();
-        let (_, out) = timed(
-            Command::new("ip").args([
+        for (netns, dev) in guard.neighbour_tables() {
+            let mut cmd = Command::new("ip");
+            if let Some(ns) = &netns {
+                cmd.args(["-n", ns]);
+            }
+            cmd.args([
                 "neigh",
                 "replace",
                 &ip,
                 "lladdr",
                 mac.trim(),
                 "dev",
-                &guard.bridge,
+                &dev,
                 "nud",
                 "permanent",
-            ]),
-            Duration::from_secs(10),
-        )?;
-        ensure!(out.status.success(), "ip neigh replace: {}", text(&out));
+            ]);
+            let (_, out) = timed(&mut cmd, Duration::from_secs(10))?;
+            ensure!(out.status.success(), "ip neigh replace: {}", text(&out));
+        }
         worker.set_link(false)?;
         Ok(guard)
+    }
+
+    /// `(namespace, device)` of every neighbour table that gets the entry.
+    fn neighbour_tables(&self) -> Vec<(Option<String>, String)> {
+        let mut tables = vec![(None, self.bridge.clone())];
+        if let Some(node) = self.seen_from {
+            tables.push((Some(node.netns().to_owned()), "eth0".to_owned()));
+        }
+        tables
     }
 }
 
@@ -245,10 +274,14 @@ impl Drop for LinkGuard<'_> {
             tracing::warn!("cannot bring {}'s link back up: {e:#}", self.worker.name());
         }
         let ip = self.worker.ip().to_string();
-        let _ = timed(
-            Command::new("ip").args(["neigh", "del", &ip, "dev", &self.bridge]),
-            Duration::from_secs(10),
-        );
+        for (netns, dev) in self.neighbour_tables() {
+            let mut cmd = Command::new("ip");
+            if let Some(ns) = &netns {
+                cmd.args(["-n", ns]);
+            }
+            cmd.args(["neigh", "del", &ip, "dev", &dev]);
+            let _ = timed(&mut cmd, Duration::from_secs(10));
+        }
     }
 }
 

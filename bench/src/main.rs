@@ -11,6 +11,7 @@ mod cases;
 mod doc;
 mod icecream;
 mod run;
+mod user_node;
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,9 @@ pub enum Case {
     Icecream,
     /// 7: Status latency and agent CPU under a connection flood, against idle.
     Flood,
+    /// 8: kernel builds by an ordinary user on a build node (through the daemon), healthy
+    /// and with a worker lost, beside root's `builderctl enter` on the host.
+    UserBuilds,
 }
 
 impl Case {
@@ -50,7 +54,8 @@ impl Case {
             5 => Case::Builds,
             6 => Case::Icecream,
             7 => Case::Flood,
-            _ => bail!("no case {n}: cases are 1-7"),
+            8 => Case::UserBuilds,
+            _ => bail!("no case {n}: cases are 1-8"),
         })
     }
 
@@ -63,6 +68,7 @@ impl Case {
             Case::Builds => 5,
             Case::Icecream => 6,
             Case::Flood => 7,
+            Case::UserBuilds => 8,
         }
     }
 }
@@ -72,7 +78,8 @@ impl Case {
 pub struct Args {
     /// Cases to run, comma-separated: 1 fleet vs Ansible, 2 fan-out, 3 enter, 4 agent
     /// footprint, 7 Status under a connection flood (about 14 minutes together); 5 kernel
-    /// builds vs raw distcc, 6 vs icecream (about 75 minutes together).
+    /// builds vs raw distcc, 6 vs icecream (about 75 minutes together); 8 kernel builds
+    /// by an ordinary user on a build node, beside root's (about 25 minutes).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,7")]
     pub cases: Vec<u32>,
     /// Paired repeats of every build of cases 5 and 6.
@@ -81,15 +88,16 @@ pub struct Args {
     /// A build still running after this many seconds is killed and not repeated.
     #[arg(long, default_value_t = 600)]
     pub build_limit_secs: u64,
-    /// Scenarios of cases 5 and 6, comma-separated (default all: healthy,dead,slow,lost).
+    /// Scenarios of cases 5, 6 and 8, comma-separated (default all: healthy,dead,slow,lost;
+    /// healthy,lost when case 8 runs without 5 and 6).
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Option<Vec<String>>,
     /// Run the local `make -j2` reference once per repeat (its vmlinux is the one every
     /// build must reproduce).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub local_reference: bool,
-    /// Tools of cases 5 and 6, comma-separated (default all: raw, ours, icecc; icecc only
-    /// with case 6).
+    /// Tools of cases 5, 6 and 8, comma-separated (default all: raw, ours, icecc, user;
+    /// icecc only with case 6, user only with case 8).
     #[arg(long, value_delimiter = ',')]
     pub tools: Option<Vec<String>>,
     /// `local_slots` of the builderctl configuration in cases 5 and 6 (default: the
@@ -243,6 +251,10 @@ fn main() -> Result<()> {
     if cases.contains(&Case::Icecream) {
         packages.push("icecc");
     }
+    // Case 8 builds the kernel inside the build node container.
+    if cases.contains(&Case::UserBuilds) {
+        packages.extend(builds::KERNEL_BUILD_PACKAGES);
+    }
     let rootfs = if packages.is_empty() {
         Rootfs::ensure()?
     } else {
@@ -282,7 +294,7 @@ fn main() -> Result<()> {
             Case::Fleet => cases::fleet(&bench),
             Case::Fanout => cases::fanout(&mut bench),
             Case::Flood => cases::flood(&bench),
-            Case::Builds | Case::Icecream => unreachable!("run below"),
+            Case::Builds | Case::Icecream | Case::UserBuilds => unreachable!("run below"),
         }
         .with_context(|| format!("case {}", case.number()))?;
         publish(&bench, case, &section)?;
@@ -293,7 +305,7 @@ fn main() -> Result<()> {
     let build_cases: Vec<Case> = cases
         .iter()
         .copied()
-        .filter(|c| matches!(c, Case::Builds | Case::Icecream))
+        .filter(|c| matches!(c, Case::Builds | Case::Icecream | Case::UserBuilds))
         .collect();
     if !build_cases.is_empty() {
         tracing::info!(cases = ?build_cases, "running the builds");

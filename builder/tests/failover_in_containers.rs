@@ -12,58 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Builder, boot_cluster, eventually, text};
+use common::{Builder, UNITS, boot_cluster, eventually, text, write_slow_project};
 use distcc_testbed::{CpuQuota, Rootfs, Testbed, Worker};
-
-/// Translation units of the project, and functions in each: about 0.5 s of gcc -O2 per
-/// unit alone; the distributed build (11 compiles sharing this project's 2 cores) lasts
-/// about 15 s, so a cut a few seconds in finds compiles in flight on the lost worker.
-const UNITS: usize = 20;
-const FUNCTIONS: usize = 350;
-
-/// A C project slow enough to cut a worker off in the middle of it. The program prints
-/// every unit's result, so a wrong object shows in its output as well as in `cmp`.
-fn write_slow_project(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut objects = vec!["main.o".to_owned()];
-    let mut declarations = String::new();
-    let mut prints = String::new();
-    for u in 0..UNITS {
-        let mut code = String::new();
-        for k in 0..FUNCTIONS {
-            code.push_str(&format!(
-                "static long f{k}(long x) {{ long s = {seed}; for (int i = 0; i < 64; i++) \
-                 {{ s = s * 31 + (x ^ i) * {m}; if (s & 1) s ^= x << (i & 7); else s += i * {k}; }} \
-                 return s; }}\n",
-                seed = u * 1000 + k,
-                m = k + 3 + u,
-            ));
-        }
-        let calls: Vec<String> = (0..FUNCTIONS).map(|k| format!("f{k}(x)")).collect();
-        code.push_str(&format!(
-            "long unit{u}(long x) {{ return {}; }}\n",
-            calls.join(" + ")
-        ));
-        std::fs::write(dir.join(format!("u{u}.c")), code).unwrap();
-        objects.push(format!("u{u}.o"));
-        declarations.push_str(&format!("long unit{u}(long);\n"));
-        prints.push_str(&format!("  printf(\"unit{u} %ld\\n\", unit{u}(7));\n"));
-    }
-    std::fs::write(
-        dir.join("main.c"),
-        format!("#include <stdio.h>\n{declarations}int main(void) {{\n{prints}  return 0;\n}}\n"),
-    )
-    .unwrap();
-    // Compiles go through $(CC) (distcc in a session); the link runs plain gcc, locally.
-    std::fs::write(
-        dir.join("Makefile"),
-        format!(
-            "prog: {objs}\n\tgcc -o $@ $^\n%.o: %.c\n\t$(CC) -O2 -c $< -o $@\nclean:\n\trm -f prog *.o\n",
-            objs = objects.join(" ")
-        ),
-    )
-    .unwrap();
-}
 
 /// Established TCP connections from this (root) namespace to `ip:3632`.
 fn connections_to(ip: &str) -> usize {

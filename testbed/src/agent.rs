@@ -61,18 +61,8 @@ impl AgentInstall {
     /// The binary from `$DISTCC_AGENT_BIN`, else `target/{release,debug}/distcc-agent` of
     /// the workspace `repo` (whichever is newer).
     pub fn from_workspace(repo: &Path) -> Result<Self> {
-        let binary = match std::env::var_os("DISTCC_AGENT_BIN") {
-            Some(path) => PathBuf::from(path),
-            None => ["release", "debug"]
-                .iter()
-                .map(|profile| repo.join("target").join(profile).join("distcc-agent"))
-                .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-                .max()
-                .map(|(_, p)| p)
-                .context("no target/*/distcc-agent: run `cargo build -p distcc-agent` first")?,
-        };
         Ok(Self {
-            binary,
+            binary: workspace_binary(repo, "distcc-agent", "DISTCC_AGENT_BIN", "distcc-agent")?,
             repo: repo.to_owned(),
         })
     }
@@ -115,6 +105,26 @@ impl AgentInstall {
         .map(|(host, container)| (host, PathBuf::from(container)))
         .collect()
     }
+}
+
+/// `$ENV_VAR` if set, else the newer of `target/{release,debug}/NAME` of the workspace
+/// `repo`: the binary a test or the bench installs (`package` names what to build).
+pub(crate) fn workspace_binary(
+    repo: &Path,
+    name: &str,
+    env_var: &str,
+    package: &str,
+) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
+        return Ok(PathBuf::from(path));
+    }
+    ["release", "debug"]
+        .iter()
+        .map(|profile| repo.join("target").join(profile).join(name))
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .with_context(|| format!("no target/*/{name}: run `cargo build -p {package}` first"))
 }
 
 /// The certificate the agent generates at its first start (its key is next to it).

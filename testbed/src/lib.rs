@@ -27,6 +27,7 @@
 //! (`distcc-testbed cleanup`). See docs/TESTBED.md.
 
 mod agent;
+mod builder_node;
 mod cmd;
 mod cpu;
 mod flood;
@@ -43,6 +44,10 @@ use anyhow::{Result, bail};
 pub use agent::{
     AGENT_CERT, AGENT_PORT, AgentInstall, TEST_READ_TOKEN, TEST_TOKEN, agent_config,
     test_tokens_file, tokens_file, write_secret,
+};
+pub use builder_node::{
+    BUILD_GROUP, BUILDER_CONFIG, BUILDER_SERVICE, BUILDER_SOCKET, BUILDER_USER, BuilderInstall,
+    BuilderNode, SESSION_SOCKET, SYSTEM_HOSTS_FILE, Spawned, USER_WORKSPACES, builder_node_config,
 };
 pub use cpu::CpuQuota;
 pub use flood::{IdleConnections, process_cpu};

@@ -20,7 +20,7 @@ pub const SUITE: &str = "bookworm";
 /// Bump whenever anything that ends up in the rootfs changes (package lists, the
 /// customisation in `customise`): the cache directory name carries it, so a stale cache
 /// is never used and old and new test runs do not fight over one directory.
-pub const ROOTFS_VERSION: u32 = 1;
+pub const ROOTFS_VERSION: u32 = 2;
 
 /// Installed by debootstrap itself (`--include`).
 pub const BASE_PACKAGES: &[&str] = &[
@@ -35,6 +35,8 @@ pub const BASE_PACKAGES: &[&str] = &[
     "ca-certificates",
     // ps/pgrep inside a worker, for tests and for debugging by hand.
     "procps",
+    // The builder node container (`BuilderNode`) runs its users' builds with make.
+    "make",
 ];
 
 /// Installed afterwards with `chroot ROOTFS apt-get install`: debootstrap cannot resolve

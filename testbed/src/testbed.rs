@@ -37,6 +37,8 @@ pub struct WorkerSpec {
     name: String,
     binds: Vec<(PathBuf, PathBuf, bool)>,
     bpf: bool,
+    /// Capabilities added to nspawn's default bounding set (`--capability=`).
+    capabilities: Vec<String>,
 }
 
 impl WorkerSpec {
@@ -48,6 +50,7 @@ impl WorkerSpec {
             name: name.into(),
             binds: Vec::new(),
             bpf: true,
+            capabilities: Vec::new(),
         }
     }
 
@@ -73,6 +76,16 @@ impl WorkerSpec {
     /// and IPAddressAllow= silently not enforced).
     pub fn without_bpf(mut self) -> WorkerSpec {
         self.bpf = false;
+        self
+    }
+
+    /// Adds capability `name` (e.g. `CAP_NET_ADMIN`) to the container's bounding set.
+    /// nspawn's default set lacks CAP_NET_ADMIN even with a network namespace of the
+    /// container's own (`--network-namespace-path=`): without it no process inside, root
+    /// included, can abort sockets (`ss -K`) or gain it through `AmbientCapabilities=`
+    /// (systemd drops what the bounding set lacks, silently).
+    pub fn capability(mut self, name: impl Into<String>) -> WorkerSpec {
+        self.capabilities.push(name.into());
         self
     }
 
@@ -558,6 +571,9 @@ impl WorkerInner {
             cmd.arg("--capability=CAP_BPF")
                 .arg("--system-call-filter=bpf");
         }
+        for capability in &spec.capabilities {
+            cmd.arg(format!("--capability={capability}"));
+        }
         for (host, container, ro) in &spec.binds {
             cmd.arg(bind_arg(host, container, *ro));
         }
@@ -672,6 +688,13 @@ impl WorkerInner {
     }
 
     fn exec(&self, argv: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<Output> {
+        let mut cmd = self.command(argv)?;
+        run(&mut cmd, stdin, timeout)
+            .with_context(|| format!("worker {}: running {argv:?}", self.name))
+    }
+
+    /// `nsenter` into the container running `argv`, not started yet.
+    fn command(&self, argv: &[&str]) -> Result<Command> {
         ensure!(!argv.is_empty(), "empty command");
         self.ensure_nspawn_alive()?;
         let pid1 = *lock(&self.pid1);
@@ -688,8 +711,7 @@ impl WorkerInner {
             .env("HOME", "/root")
             .env("SYSTEMD_PAGER", "")
             .env("SYSTEMD_COLORS", "0");
-        run(&mut cmd, stdin, timeout)
-            .with_context(|| format!("worker {}: running {argv:?}", self.name))
+        Ok(cmd)
     }
 
     fn begin_stop(&self) {
@@ -810,6 +832,36 @@ impl Worker {
     /// here: inspect the returned status.
     pub fn exec(&self, argv: &[&str]) -> Result<Output> {
         self.inner.exec(argv, None, EXEC_TIMEOUT)
+    }
+
+    /// The command [`Worker::exec`] runs, not started: for a long-running process a test
+    /// spawns and waits for itself (a build). It enters all of the container's namespaces
+    /// with a clean environment, but stays in the host's cgroup: give it a process group
+    /// of its own and kill that when done (the container's systemd does not supervise it).
+    pub fn command(&self, argv: &[&str]) -> Result<Command> {
+        self.inner.command(argv)
+    }
+
+    /// Established TCP connections between this worker's `port` and `peer` (any port of
+    /// it), as `ss` inside the worker counts them: how many streams a builder holds open
+    /// to the agent, or how many compiles it has in flight on distccd.
+    pub fn connections_from(&self, peer: Ipv4Addr, port: u16) -> Result<usize> {
+        let sport = format!(":{port}");
+        let peer = peer.to_string();
+        let out = self.exec_ok(&[
+            "ss",
+            "-H",
+            "-n",
+            "-t",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &sport,
+            "dst",
+            &peer,
+        ])?;
+        Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
     }
 
     /// [`Worker::exec`] that returns stdout, and an error carrying the exit status, stdout
