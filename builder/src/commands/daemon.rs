@@ -4,13 +4,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use distcc_builder::daemon::{Daemon, DaemonSettings, failover_readiness};
 use distcc_builder::host_list::write_atomically;
 use distcc_builder::session_socket::{self, Failover};
-use distcc_builder::steer::{self, CutPolicy, SlowCuts, SteeringConfig, Survey};
+use distcc_builder::steer::{self, CutPolicy, SlowCuts, Survey};
 
 use super::BuilderSetup;
 
@@ -38,7 +37,7 @@ pub async fn run(
     listener: Listener,
 ) -> anyhow::Result<ExitCode> {
     // The daemon alone reads the token on a build node; users go through it.
-    let access = setup.access()?.clone();
+    setup.access()?;
     let local = setup.local_compilers()?;
     let (probes, list) = setup.survey(&local).await?;
     write_atomically(&hosts_file, &list.render())
@@ -75,23 +74,19 @@ pub async fn run(
         .context("handling SIGTERM")?;
     let on_event = daemon.clone();
     let steering = steer::steer(
-        SteeringConfig {
-            access,
-            deadline: setup.config.deadline,
-            // The daemon owns failover for every build: the same pace as a session's.
-            interval: Duration::from_secs(1),
+        // The daemon owns failover for every build: the same pace as a session's. A
+        // confirmed loss is cut for every build on the machine; a slow verdict only for
+        // the uids whose sessions asked for it. Sessions and users' status/hosts are
+        // answered from the survey.
+        setup.steering(
             local,
-            policy: setup.policy.clone(),
             hosts_file,
-            // A confirmed loss is cut for every build on the machine; a slow verdict only
-            // for the uids whose sessions asked for it.
-            cuts: CutPolicy {
+            CutPolicy {
                 lost: true,
                 slow: SlowCuts::OwnedBy(daemon.slow_cut_uids()),
             },
-            // Sessions and users' status/hosts are answered from it.
-            survey: Some(daemon.survey_sender()),
-        },
+            Some(daemon.survey_sender()),
+        )?,
         probes,
         move |event| on_event.on_event(&event),
     );

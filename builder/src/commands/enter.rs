@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::{Context, bail};
 use distcc_builder::cluster::Probe;
@@ -17,7 +17,7 @@ use distcc_builder::session::{self, DaemonReach, LocalFacts, PreflightCheck, Run
 use distcc_builder::session_socket::{
     self, Client, ClientError, ErrorKind, Failover, SessionOpened,
 };
-use distcc_builder::steer::{self, CutPolicy, SlowCuts, SteeringConfig, SteeringEvent};
+use distcc_builder::steer::{self, CutPolicy, SlowCuts, SteeringEvent};
 use distcc_builder::workspace::{self, Mountable, Prepared};
 
 use super::{BuilderSetup, exit_for};
@@ -324,21 +324,17 @@ pub async fn run(
         Steering::Own { probes } => {
             let log_path = log_path.clone();
             Box::pin(steer::steer(
-                SteeringConfig {
-                    access: setup.access()?.clone(),
-                    deadline: setup.config.deadline,
-                    interval: Duration::from_secs(1),
+                // Compiles in flight on a lost or slow worker fall back to local ones at
+                // once.
+                setup.steering(
                     local,
-                    policy: setup.policy.clone(),
                     hosts_file,
-                    // Compiles in flight on a lost or slow worker fall back to local ones
-                    // at once.
-                    cuts: CutPolicy {
+                    CutPolicy {
                         lost: true,
                         slow: SlowCuts::All,
                     },
-                    survey: None,
-                },
+                    None,
+                )?,
                 probes,
                 move |event| log_event(&log_path, &event),
             ))

@@ -20,6 +20,7 @@ use distcc_builder::cluster::{Probe, WorkerView, host_list, probe_all, views};
 use distcc_builder::config::{AgentAccess, BuilderConfig};
 use distcc_builder::host_list::{HostList, LocalCompiler, Policy};
 use distcc_builder::local;
+use distcc_builder::steer::{CutPolicy, SteeringConfig, Survey};
 
 /// What every command that talks to the cluster starts from: the builder's configuration
 /// and the operator's host-list policy (configuration plus command-line flags).
@@ -55,6 +56,27 @@ impl BuilderSetup {
              systemctl enable --now distcc-builder.socket)",
         )?;
         Ok(self.access.get_or_init(|| access))
+    }
+
+    /// How this builder follows the workers: its access, deadline and host-list policy,
+    /// a status every second (the pace failover needs), and the caller's cuts.
+    pub fn steering(
+        &self,
+        local: Vec<LocalCompiler>,
+        hosts_file: std::path::PathBuf,
+        cuts: CutPolicy,
+        survey: Option<tokio::sync::watch::Sender<std::sync::Arc<Survey>>>,
+    ) -> anyhow::Result<SteeringConfig> {
+        Ok(SteeringConfig {
+            access: self.access()?.clone(),
+            deadline: self.config.deadline,
+            interval: std::time::Duration::from_secs(1),
+            local,
+            policy: self.policy.clone(),
+            hosts_file,
+            cuts,
+            survey,
+        })
     }
 
     /// The configured compilers as found on this builder.
