@@ -64,6 +64,7 @@ impl Probe {
             status: self.status.as_ref().map_err(String::as_str),
             builder_addr: self.builder_addr,
             mean_job_secs: None,
+            busy_secs_per_compile: None,
             agent_away: None,
         }
     }

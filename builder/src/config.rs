@@ -385,7 +385,7 @@ impl BuilderConfig {
             }
         };
         let local_slots = match &raw.local_slots {
-            None => 2,
+            None => default_local_slots(),
             Some(v) if *v.get_ref() <= 256 => *v.get_ref(),
             Some(v) => {
                 return Err(invalid(
@@ -486,6 +486,18 @@ fn valid_tmpfs_size(size: &str) -> bool {
         .strip_suffix(['k', 'K', 'm', 'M', 'g', 'G', '%'])
         .unwrap_or(size);
     !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit()) && digits != "0"
+}
+
+/// `local_slots` when the file does not say: 2, or 0 on a builder with fewer than 2 CPUs
+/// to run on (counting a cgroup CPU quota, as `available_parallelism` does). Every
+/// distributed compile is preprocessed here first, so a builder short of CPU that also
+/// compiles locally delays the cpp of every remote compile: it does more for the build
+/// by feeding the workers alone.
+pub fn default_local_slots() -> u32 {
+    match std::thread::available_parallelism() {
+        Ok(cpus) if cpus.get() < 2 => 0,
+        _ => 2,
+    }
 }
 
 #[cfg(test)]
@@ -631,7 +643,7 @@ mod tests {
         );
         assert_eq!(c.deadline, Duration::from_secs(1));
         assert_eq!(c.compilers, ["gcc", "g++"]);
-        assert_eq!(c.local_slots, 2);
+        assert_eq!(c.local_slots, default_local_slots());
         assert!(c.lzo);
     }
 

@@ -231,6 +231,7 @@ pub fn event_kind(event: &SteeringEvent<'_>) -> EventKind {
         SteeringEvent::AgentAway { .. } => EventKind::AgentAway,
         SteeringEvent::AgentBack { .. } => EventKind::AgentBack,
         SteeringEvent::MachineUp { .. } => EventKind::MachineUp,
+        SteeringEvent::StragglerRedo { .. } => EventKind::StragglerRedo,
     }
 }
 

@@ -201,6 +201,21 @@ pub async fn cut_connections(addr: SocketAddr, scope: &CutScope) -> Result<usize
     }
 }
 
+/// Every TCP connection of this network namespace with its owner (for
+/// [`crate::straggler`]).
+pub async fn list_connections() -> Result<Vec<crate::straggler::Connection>, CutError> {
+    let listed = run_ss(strings(&["-H", "-n", "-t", "-e"])).await?;
+    Ok(crate::straggler::parse_connections(
+        &String::from_utf8_lossy(&listed.stdout),
+    ))
+}
+
+/// Abort the one connection from `local` to `addr`; returns how many `ss` closed (0: it
+/// had ended by itself).
+pub async fn cut_one(addr: SocketAddr, local: SocketAddr) -> Result<usize, CutError> {
+    run_ss_kill(ss_kill_one_args(addr, local)).await
+}
+
 async fn run_ss(args: Vec<String>) -> Result<std::process::Output, CutError> {
     // root's usual PATH has it, a service's may not: try iproute2's places first.
     let ss = ["/usr/bin/ss", "/bin/ss", "/usr/sbin/ss", "/sbin/ss"]

@@ -61,6 +61,7 @@ pub fn host_list_from_status_bytes(data: &[u8]) {
                     status: Ok(&snapshot),
                     builder_addr,
                     mean_job_secs: Some(1.0),
+                    busy_secs_per_compile: Some(1.0),
                     agent_away: None,
                 })
                 .collect();

@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::exclusion::{CompilerProblem, Exclusion, ExclusionKind, ListenProblem};
-use crate::pace::{median, slow_share};
+use crate::pace::{median, slow_share, slowness, speed_share};
 use crate::snapshot::WorkerSnapshot;
 use crate::untrusted::printable;
 
@@ -51,6 +51,9 @@ pub struct WorkerInput<'a> {
     /// Mean seconds a compile spends at this worker, when steering has measured it
     /// ([`crate::pace`]); compared with the other workers' to leave stragglers out.
     pub mean_job_secs: Option<f64>,
+    /// Busy seconds per finished compile ([`crate::pace`]): the worker's throughput,
+    /// compared with the other workers' to weigh its slots.
+    pub busy_secs_per_compile: Option<f64>,
     /// Set when `status` is the last one before the agent's stream broke while distccd
     /// still serves (see [`crate::track`]): the worker is judged on it, with this warning.
     pub agent_away: Option<&'a str>,
@@ -219,10 +222,10 @@ impl HostList {
         let workers = inputs
             .iter()
             .enumerate()
-            .map(|(i, input)| (input, others_mean_job_secs(inputs, i)))
+            .map(|(i, input)| (input, Others::of(inputs, i)))
             .map(|(input, others)| WorkerVerdict {
                 endpoint: input.endpoint.to_owned(),
-                verdict: match decide(input, local, policy, others) {
+                verdict: match decide(input, local, policy, &others) {
                     Ok((entry, warnings)) => Verdict::Included { entry, warnings },
                     Err(why) => Verdict::Excluded(why),
                 },
@@ -323,24 +326,39 @@ pub fn endpoint_host(endpoint: &str) -> &str {
         .unwrap_or(host)
 }
 
-/// The median of the other reachable workers' mean compile times: what worker `index`
-/// is compared with (see [`crate::pace`]).
-fn others_mean_job_secs(inputs: &[WorkerInput<'_>], index: usize) -> Option<f64> {
-    let mut others: Vec<f64> = inputs
-        .iter()
-        .enumerate()
-        .filter(|(j, other)| *j != index && other.status.is_ok())
-        .filter_map(|(_, other)| other.mean_job_secs)
-        .filter(|m| *m > 0.0)
-        .collect();
-    median(&mut others)
+/// What one worker is compared with: the medians of the other reachable workers' pace
+/// figures (see [`crate::pace`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Others {
+    pub mean_job_secs: Option<f64>,
+    pub busy_secs_per_compile: Option<f64>,
+}
+
+impl Others {
+    /// The medians over every reachable worker but `index`.
+    pub fn of(inputs: &[WorkerInput<'_>], index: usize) -> Self {
+        let median_of = |figure: fn(&WorkerInput<'_>) -> Option<f64>| {
+            let mut others: Vec<f64> = inputs
+                .iter()
+                .enumerate()
+                .filter(|(j, other)| *j != index && other.status.is_ok())
+                .filter_map(|(_, other)| figure(other))
+                .filter(|m| *m > 0.0)
+                .collect();
+            median(&mut others)
+        };
+        Self {
+            mean_job_secs: median_of(|w| w.mean_job_secs),
+            busy_secs_per_compile: median_of(|w| w.busy_secs_per_compile),
+        }
+    }
 }
 
 fn decide(
     input: &WorkerInput<'_>,
     local: &[LocalCompiler],
     policy: &Policy,
-    others_job_secs: Option<f64>,
+    others: &Others,
 ) -> Result<(HostEntry, Vec<String>), Exclusion> {
     let worker = input.status.map_err(|why| Exclusion::Unreachable {
         why: why.to_owned(),
@@ -402,7 +420,7 @@ fn decide(
             share
         }
     };
-    let slots = match (input.mean_job_secs, others_job_secs) {
+    let slots = match (input.mean_job_secs, others.mean_job_secs) {
         (Some(mean), Some(others)) => match slow_share(slots, mean, others) {
             share if share == slots => slots,
             0 => {
@@ -419,6 +437,18 @@ fn decide(
             }
         },
         _ => slots,
+    };
+    let slots = match slowness(input.busy_secs_per_compile, others.busy_secs_per_compile) {
+        Some(times) => match speed_share(slots, times) {
+            share if share == slots => slots,
+            share => {
+                warnings.push(format!(
+                    "slower: {times:.1} times the other workers' busy seconds per compile; using {share} of {slots} slots"
+                ));
+                share
+            }
+        },
+        None => slots,
     };
     let lzo = policy.lzo && !is_loopback_host(&host);
     Ok((
@@ -645,6 +675,7 @@ mod tests {
             status: Ok(snapshot),
             builder_addr: builder(),
             mean_job_secs: None,
+            busy_secs_per_compile: None,
             agent_away: None,
         }
     }
@@ -713,6 +744,7 @@ mod tests {
                 status: Err("connect: timed out"),
                 builder_addr: builder(),
                 mean_job_secs: None,
+                busy_secs_per_compile: None,
                 agent_away: None,
             },
             input("198.18.3.12:3634", &stopped),
@@ -822,10 +854,46 @@ mod tests {
     }
 
     #[test]
+    fn slots_follow_measured_throughput() {
+        let status = healthy(3);
+        let timed = |endpoint: &'static str, busy: Option<f64>| WorkerInput {
+            busy_secs_per_compile: busy,
+            ..input(endpoint, &status)
+        };
+        // Five times the others' busy seconds per compile: a fifth of the slots (at least
+        // one); under twice: job-mix noise, all of them; unmeasured: all of them.
+        let list = HostList::compute(
+            &[
+                timed("198.18.3.11:3634", Some(1.0)),
+                timed("198.18.3.12:3634", Some(1.2)),
+                timed("198.18.3.13:3634", Some(5.5)),
+                timed("198.18.3.14:3634", Some(1.9)),
+                timed("198.18.3.15:3634", None),
+            ],
+            &local(),
+            &policy(),
+        );
+        let slots: Vec<u32> = list.included().map(|e| e.slots).collect();
+        assert_eq!(slots, [3, 3, 1, 3, 3]);
+        let slow = list.verdict("198.18.3.13:3634").unwrap();
+        assert!(
+            slow.warnings()[0].starts_with("slower: 4.6 times"),
+            "{slow:?}"
+        );
+        assert!(
+            list.verdict("198.18.3.11:3634")
+                .unwrap()
+                .warnings()
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn stragglers_get_fewer_slots_or_none() {
         let status = healthy(3);
         let paced = |endpoint: &'static str, mean: Option<f64>| WorkerInput {
             mean_job_secs: mean,
+            busy_secs_per_compile: None,
             ..input(endpoint, &status)
         };
         // One lucky worker (0.2 s: the tiny compiles) does not make the others slow; a
@@ -858,6 +926,7 @@ mod tests {
                 paced("198.18.3.11:3634", Some(1.0)),
                 WorkerInput {
                     mean_job_secs: Some(8.0),
+                    busy_secs_per_compile: None,
                     ..input("198.18.3.14:3634", &many)
                 },
             ],

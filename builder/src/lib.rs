@@ -19,6 +19,7 @@ pub mod session_socket;
 pub mod snapshot;
 pub mod state_files;
 pub mod steer;
+pub mod straggler;
 pub mod track;
 pub mod trust;
 pub mod untrusted;

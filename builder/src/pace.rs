@@ -52,6 +52,8 @@ pub struct PaceTracker {
     samples: VecDeque<Sample>,
     /// (taken at, mean seconds per compile).
     estimate: Option<(u64, f64)>,
+    /// (taken at, busy seconds per finished compile): see [`busy_secs_per_compile`].
+    capacity: Option<(u64, f64)>,
 }
 
 impl PaceTracker {
@@ -86,6 +88,17 @@ impl PaceTracker {
         if let Some(mean) = little(&self.samples) {
             self.estimate = Some((sample.at_usec, mean));
         }
+        if let Some(per_compile) = busy_secs_per_compile(&self.samples) {
+            self.capacity = Some((sample.at_usec, per_compile));
+        }
+    }
+
+    /// Busy seconds per finished compile at this worker, as of `now_usec` (see
+    /// [`busy_secs_per_compile`]); None when there is no estimate younger than [`HOLD`].
+    pub fn busy_secs_per_compile(&self, now_usec: u64) -> Option<f64> {
+        self.capacity
+            .filter(|(at, _)| now_usec.saturating_sub(*at) <= micros(HOLD))
+            .map(|(_, secs)| secs)
     }
 
     /// Mean seconds a compile spends at this worker, as of `now_usec`; None when there is
@@ -121,6 +134,67 @@ fn little(samples: &VecDeque<Sample>) -> Option<f64> {
         })
         .sum();
     Some(busy_secs / finished as f64)
+}
+
+/// A worker's throughput while it has work: the seconds during which at least one compile
+/// was in flight, divided by the compiles that finished in them. Unlike the mean time per compile, this
+/// does not grow with the compiles a worker is given: a worker held to a fifth of a CPU
+/// finishes compiles at the same rate with one slot or three, each just waits longer
+/// with three. So it can weigh slots without feeding back on them (fewer slots, shorter
+/// compiles, more slots again): [`speed_share`].
+fn busy_secs_per_compile(samples: &VecDeque<Sample>) -> Option<f64> {
+    let (first, last) = (samples.front()?, samples.back()?);
+    if last.at_usec - first.at_usec < micros(MIN_SPAN) {
+        return None;
+    }
+    // Only finished compiles: a worker that finishes nothing gets no figure here (its
+    // latency, [`little`], is what leaves it out).
+    let finished = last.finished - first.finished;
+    if finished < MIN_FINISHED_FOR_SPEED {
+        return None;
+    }
+    let busy_secs: f64 = samples
+        .iter()
+        .zip(samples.iter().skip(1))
+        .map(|(a, b)| {
+            let dt = (b.at_usec - a.at_usec) as f64 / 1e6;
+            // Busy at both samples: the whole gap; at one of them (or a compile finished
+            // between two idle samples): half of it.
+            match (a.running > 0, b.running > 0) {
+                (true, true) => dt,
+                (false, false) if b.finished == a.finished => 0.0,
+                _ => dt / 2.0,
+            }
+        })
+        .sum();
+    (busy_secs > 0.0).then(|| busy_secs / finished as f64)
+}
+
+/// Compiles a worker must finish (or hold) within the window before its throughput is
+/// compared: more than for [`little`], since one big compile alone says little about speed.
+pub const MIN_FINISHED_FOR_SPEED: u64 = 6;
+/// A worker gets fewer slots once its busy seconds per compile are at least this many
+/// times the other workers' median; below, job-mix noise could take slots from a
+/// healthy worker.
+pub const WEIGH_FROM: f64 = 2.0;
+
+/// How much slower this worker turns compiles around than the others: its busy seconds
+/// per compile over the median of the others'. None when either is missing or cannot be
+/// compared.
+pub fn slowness(mine: Option<f64>, others: Option<f64>) -> Option<f64> {
+    let (mine, others) = (mine?, others?);
+    (mine.is_finite() && others.is_finite() && mine > 0.0 && others > 0.0).then(|| mine / others)
+}
+
+/// The slots to give a worker `slowness` times slower than the others ([`slowness`]):
+/// all of them below [`WEIGH_FROM`], else `slots / slowness` rounded, at least 1, so a
+/// worker five times slower takes about a fifth of the compiles it would. Leaving a
+/// worker out altogether is [`slow_share`]'s call (its compiles' latency), not this one.
+pub fn speed_share(slots: u32, slowness: f64) -> u32 {
+    if !(slowness.is_finite() && slowness >= WEIGH_FROM) {
+        return slots;
+    }
+    ((f64::from(slots) / slowness).round() as u32).clamp(1, slots.max(1))
 }
 
 /// The slots to give a worker whose compiles take `mean` seconds when the other workers'
@@ -243,6 +317,57 @@ mod tests {
         let mean = stuck.mean_job_secs(20_000_000).unwrap();
         assert!((mean - 20.0).abs() < 1e-9, "{mean}");
         assert_eq!(slow_share(3, mean, 2.0), 0);
+    }
+
+    #[test]
+    fn throughput_does_not_follow_the_slots_given() {
+        // A worker finishing one compile every 2 s: with 3 in flight (each takes 6 s)
+        // or with 1 (each takes 2 s), 2 busy seconds per compile either way, while the
+        // mean time per compile falls with the slots (what would feed back).
+        let mut three = PaceTracker::default();
+        let mut one = PaceTracker::default();
+        for i in 0..=40u32 {
+            three.observe(&status(f64::from(i), u64::from(i / 2), 3));
+            one.observe(&status(f64::from(i), u64::from(i / 2), 1));
+        }
+        let now = 40_000_000;
+        let (t3, t1) = (
+            three.busy_secs_per_compile(now).unwrap(),
+            one.busy_secs_per_compile(now).unwrap(),
+        );
+        // The 20 s window holds 10 finished compiles, busy throughout.
+        assert!((t3 - 2.0).abs() < 1e-9, "{t3}");
+        assert!((t1 - 2.0).abs() < 1e-9, "{t1}");
+        assert!(three.mean_job_secs(now).unwrap() > 2.5 * one.mean_job_secs(now).unwrap());
+    }
+
+    #[test]
+    fn idle_time_is_not_counted_against_a_worker() {
+        // Busy 10 s finishing 10 compiles, then idle 10 s: 1 s per compile, not 2.
+        let mut t = PaceTracker::default();
+        for i in 0..=10u32 {
+            t.observe(&status(f64::from(i), u64::from(i), 1));
+        }
+        for i in 11..=20u32 {
+            t.observe(&status(f64::from(i), 10, 0));
+        }
+        let secs = t.busy_secs_per_compile(20_000_000).unwrap();
+        // Half of the gap where it went idle counts: 10.5 s for 10 compiles.
+        assert!((secs - 1.05).abs() < 1e-9, "{secs}");
+        assert_eq!(t.busy_secs_per_compile(20_000_001 + micros(HOLD)), None);
+    }
+
+    #[test]
+    fn speed_share_weighs_only_clear_differences() {
+        assert_eq!(speed_share(3, 1.0), 3);
+        assert_eq!(speed_share(3, 1.9), 3, "job-mix noise: keep");
+        assert_eq!(speed_share(3, 5.0), 1, "a fifth of 3, at least 1");
+        assert_eq!(speed_share(16, 4.0), 4);
+        assert_eq!(speed_share(3, 50.0), 1, "leaving out is slow_share's call");
+        assert_eq!(speed_share(3, f64::NAN), 3);
+        assert_eq!(slowness(Some(5.0), Some(1.0)), Some(5.0));
+        assert_eq!(slowness(Some(5.0), None), None);
+        assert_eq!(slowness(Some(5.0), Some(0.0)), None);
     }
 
     #[test]

@@ -129,6 +129,9 @@ pub enum EventKind {
     AgentBack,
     /// distccd's port silent but the machine answers on the agent's: out, not cut.
     MachineUp,
+    /// A compile running long on a slow worker while faster slots stood idle was
+    /// aborted, to be redone on the builder.
+    StragglerRedo,
     /// Events lost because this session did not keep up, or a kind this client does not
     /// know (a newer daemon).
     #[serde(other)]

@@ -15,12 +15,16 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cluster::{Client, Probe, WorkerView, connect, source_address, status_text, views};
 use crate::config::AgentAccess;
-use crate::failover::{CutScope, MachinePorts, PortCheck, check_machine, cut_connections};
-use crate::host_list::Verdict;
+use crate::failover::{
+    CutScope, MachinePorts, PortCheck, check_machine, cut_connections, cut_one, list_connections,
+};
 use crate::host_list::{
     HostEntry, HostList, LocalCompiler, Policy, endpoint_host, write_atomically,
 };
+use crate::host_list::{Others, Verdict};
+use crate::pace::slowness;
 use crate::snapshot::WorkerSnapshot;
+use crate::straggler::{Redo, Stragglers, WorkerLoad};
 use crate::track::{CutCause, SendPeriod, Track, TrackAction, TrackEvent, TrackReport};
 
 /// How the session follows the workers.
@@ -147,6 +151,17 @@ pub enum SteeringEvent<'a> {
         why: &'a str,
         ports: &'a str,
     },
+    /// A compile running long on a slow worker while faster slots stood idle: its
+    /// connection aborted, so the client redoes it here (see [`crate::straggler`]).
+    StragglerRedo {
+        endpoint: &'a str,
+        distccd: SocketAddr,
+        /// How long it had run there.
+        age: Duration,
+        /// How many times slower the worker is ([`crate::pace::slowness`]).
+        slowness: f64,
+        result: &'a Result<usize, String>,
+    },
 }
 
 impl SteeringEvent<'_> {
@@ -160,6 +175,7 @@ impl SteeringEvent<'_> {
             SteeringEvent::AgentAway { .. } => "agent_away",
             SteeringEvent::AgentBack { .. } => "agent_back",
             SteeringEvent::MachineUp { .. } => "machine_up",
+            SteeringEvent::StragglerRedo { .. } => "straggler_redo",
         }
     }
 
@@ -209,6 +225,21 @@ impl SteeringEvent<'_> {
             } => vec![format!(
                 "{endpoint}: agent stream broke ({why}); {ports}: the machine answers (distccd's accept queue may be full): left out, connections left alone"
             )],
+            SteeringEvent::StragglerRedo {
+                endpoint,
+                distccd,
+                age,
+                slowness,
+                result,
+            } => vec![match result {
+                Ok(n) => format!(
+                    "{endpoint}: straggler: a compile ran {:.0} s on this worker ({slowness:.1} times slower) while faster slots were idle: aborted {n} connection to {distccd} (redone here)",
+                    age.as_secs_f64()
+                ),
+                Err(e) => format!(
+                    "{endpoint}: straggler: could not abort a compile's connection to {distccd}: {e}"
+                ),
+            }],
         }
     }
 }
@@ -223,7 +254,9 @@ pub async fn steer(
 ) {
     let config = Arc::new(config);
     let (events, mut received) = mpsc::channel::<(usize, TrackEvent)>(64);
-    let followers: Vec<_> = probes
+    let (loads, loads_seen) = watch::channel(Vec::<TrackLoad>::new());
+    let (redone, mut redone_seen) = mpsc::channel::<(Redo, Result<usize, String>)>(16);
+    let mut followers: Vec<_> = probes
         .iter()
         .enumerate()
         .map(|(index, probe)| {
@@ -235,7 +268,12 @@ pub async fn steer(
             ))
         })
         .collect();
-    // Abort the followers when this future is dropped.
+    followers.push(tokio::spawn(watch_stragglers(
+        loads_seen,
+        config.cuts.slow.clone(),
+        redone,
+    )));
+    // Abort the followers (and the straggler watch) when this future is dropped.
     let _abort = AbortOnDrop(followers);
     if probes.is_empty() {
         // No worker configured: nothing to follow, but the caller's select! must not see
@@ -243,7 +281,7 @@ pub async fn steer(
         std::future::pending::<()>().await;
     }
     let mut tracks: Vec<Track> = probes.into_iter().map(Track::new).collect();
-    let mut current = judge(&tracks, &config);
+    let (mut current, _) = judge(&tracks, &config);
     for (track, verdict) in tracks.iter_mut().zip(&current.workers) {
         // Nothing was included before: no action.
         let _ = track.on(TrackEvent::Judged(verdict.verdict.clone()));
@@ -260,6 +298,16 @@ pub async fn steer(
                 let now = Instant::now();
                 batch.extend((0..tracks.len()).map(|i| (i, TrackEvent::Tick(now))));
             }
+            Some((redo, result)) = redone_seen.recv() => {
+                report(SteeringEvent::StragglerRedo {
+                    endpoint: &redo.endpoint,
+                    distccd: redo.connection.peer,
+                    age: redo.age,
+                    slowness: redo.slowness,
+                    result: &result,
+                });
+                continue;
+            }
         }
         // Drain what else is queued: one rewrite for a burst of updates.
         while let Ok(event) = received.try_recv() {
@@ -269,7 +317,8 @@ pub async fn steer(
             let actions = tracks[index].on(event);
             act(index, actions, &tracks, &config, &events, &mut report);
         }
-        let next = judge(&tracks, &config);
+        let (next, next_loads) = judge(&tracks, &config);
+        loads.send_replace(next_loads);
         for (index, verdict) in next.workers.iter().enumerate() {
             let actions = tracks[index].on(TrackEvent::Judged(verdict.verdict.clone()));
             act(index, actions, &tracks, &config, &events, &mut report);
@@ -297,13 +346,90 @@ pub async fn steer(
     }
 }
 
-/// The host list from every track, with each worker's measured pace.
-fn judge(tracks: &[Track], config: &SteeringConfig) -> HostList {
+/// The host list from every track, with each worker's measured pace, and the load of
+/// each included worker for the straggler watch.
+fn judge(tracks: &[Track], config: &SteeringConfig) -> (HostList, Vec<TrackLoad>) {
     let now_usec = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
     let inputs: Vec<_> = tracks.iter().map(|t| t.input(now_usec)).collect();
-    HostList::compute(&inputs, &config.local, &config.policy)
+    let list = HostList::compute(&inputs, &config.local, &config.policy);
+    let loads = list
+        .workers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, verdict)| {
+            let others = Others::of(&inputs, i);
+            Some(TrackLoad {
+                endpoint: verdict.endpoint.clone(),
+                entry: verdict.entry()?.clone(),
+                slowness: slowness(
+                    inputs[i].busy_secs_per_compile,
+                    others.busy_secs_per_compile,
+                ),
+                mean_job_secs: inputs[i].mean_job_secs,
+            })
+        })
+        .collect();
+    (list, loads)
+}
+
+/// An included worker as the straggler watch needs it; its distccd is resolved there.
+#[derive(Debug, Clone)]
+struct TrackLoad {
+    endpoint: String,
+    entry: HostEntry,
+    slowness: Option<f64>,
+    mean_job_secs: Option<f64>,
+}
+
+/// Once a second, while some worker in the list is slow and this builder's cuts allow
+/// it: list this namespace's connections and abort those [`Stragglers`] picks.
+async fn watch_stragglers(
+    loads: watch::Receiver<Vec<TrackLoad>>,
+    cuts: SlowCuts,
+    redone: mpsc::Sender<(Redo, Result<usize, String>)>,
+) {
+    let mut stragglers = Stragglers::default();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(scope) = cuts.scope() else {
+            continue;
+        };
+        let pending = loads.borrow().clone();
+        let mut workers = Vec::with_capacity(pending.len());
+        for load in pending {
+            if let Some(distccd) = distccd_address(&load.entry).await {
+                workers.push(WorkerLoad {
+                    endpoint: load.endpoint,
+                    distccd,
+                    slots: load.entry.slots,
+                    slowness: load.slowness,
+                    mean_job_secs: load.mean_job_secs,
+                });
+            }
+        }
+        if !Stragglers::worth_listing(&workers) {
+            continue;
+        }
+        let connections = match list_connections().await {
+            Ok(connections) => connections,
+            Err(e) => {
+                tracing::warn!("cannot list connections for the straggler watch: {e}");
+                continue;
+            }
+        };
+        for redo in stragglers.observe(Instant::now(), &workers, &connections, &scope) {
+            let result = cut_one(redo.connection.peer, redo.connection.local)
+                .await
+                .map_err(|e| e.to_string());
+            if redone.send((redo, result)).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// Run one track's actions: I/O is spawned and answers as a [`TrackEvent`] on `events`.

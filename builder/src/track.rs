@@ -165,6 +165,7 @@ impl Track {
     pub fn input(&self, now_usec: u64) -> WorkerInput<'_> {
         let mut input = self.probe.input();
         input.mean_job_secs = self.pace.mean_job_secs(now_usec);
+        input.busy_secs_per_compile = self.pace.busy_secs_per_compile(now_usec);
         match &self.state {
             TrackState::Following | TrackState::Checking { .. } => {}
             TrackState::AgentAway { why, .. } => input.agent_away = Some(why),
