@@ -26,7 +26,7 @@ const MAKE_JOBS: u32 = 8;
 /// distccd slots per worker (agent `jobs`), and the `/N` of the hand-written host list.
 pub const WORKER_JOBS: u32 = 3;
 /// When the lost worker's link is cut.
-const LOSE_AFTER: Duration = Duration::from_secs(30);
+pub const LOSE_AFTER: Duration = Duration::from_secs(30);
 /// CPU quota of the slow worker's distccd, in percent of one CPU.
 const SLOW_PERCENT: u32 = 20;
 /// Where every build goes (a tmpfs, the same path for all, so outputs compare).
@@ -57,7 +57,7 @@ pub enum Tool {
 
 impl Tool {
     /// Its name on the command line (`--tools`).
-    fn key(self) -> &'static str {
+    pub fn key(self) -> &'static str {
         match self {
             Tool::Raw => "raw",
             Tool::Ours => "ours",
@@ -74,7 +74,7 @@ impl Tool {
         }
     }
 
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Tool::Raw => "raw distcc",
             Tool::Ours => "builderctl enter",
@@ -252,16 +252,21 @@ impl Results {
 }
 
 /// The kernel build every tool runs: the source, the build directory, how to configure.
-struct KernelBuild {
-    source: PathBuf,
-    dir: PathBuf,
-    logs: PathBuf,
+pub struct KernelBuild {
+    pub source: PathBuf,
+    pub dir: PathBuf,
+    pub logs: PathBuf,
 }
 
 impl KernelBuild {
     fn prepare(bench: &Bench) -> Result<KernelBuild> {
+        Self::prepare_in(bench, Path::new(BUILD_DIR))
+    }
+
+    /// The build in `dir` (a tmpfs is mounted there; unmounted on drop).
+    pub fn prepare_in(bench: &Bench, dir: &Path) -> Result<KernelBuild> {
         let source = distcc_testbed::kernel_source()?;
-        let dir = PathBuf::from(BUILD_DIR);
+        let dir = dir.to_owned();
         std::fs::create_dir_all(&dir)?;
         if !is_mounted(&dir) {
             let status = Command::new("mount")
@@ -269,7 +274,11 @@ impl KernelBuild {
                 .arg(&dir)
                 .status()
                 .context("mount")?;
-            ensure!(status.success(), "cannot mount a tmpfs on {BUILD_DIR}");
+            ensure!(
+                status.success(),
+                "cannot mount a tmpfs on {}",
+                dir.display()
+            );
         }
         let logs = bench.tmp.path().join("build-logs");
         std::fs::create_dir_all(&logs)?;
@@ -277,7 +286,7 @@ impl KernelBuild {
     }
 
     /// Empty the build directory and `make tinyconfig` in it (not timed).
-    fn configure(&self) -> Result<()> {
+    pub fn configure(&self) -> Result<()> {
         for entry in std::fs::read_dir(&self.dir)? {
             let path = entry?.path();
             if path.is_dir() {
@@ -301,7 +310,7 @@ impl KernelBuild {
     }
 
     /// `make -C SOURCE O=DIR` with the reproducible-build environment.
-    fn make(&self) -> Command {
+    pub fn make(&self) -> Command {
         let mut cmd = Command::new("make");
         self.make_args(&mut cmd);
         cmd
@@ -326,7 +335,7 @@ impl KernelBuild {
     /// is in init/version*.o and vmlinux.o, compressed with all of vmlinux in
     /// arch/x86/boot/compressed/piggy.o, and its length in the setup header's sizes
     /// (arch/x86/boot/header.o). Everything else must be byte-identical.
-    fn objects(&self) -> Result<BTreeMap<String, String>> {
+    pub fn objects(&self) -> Result<BTreeMap<String, String>> {
         let out = Command::new("bash")
             .args(["-c", CHECKSUM_OBJECTS, "checksum"])
             .arg(&self.dir)
@@ -379,7 +388,7 @@ pub fn objects_of(
 }
 
 /// Objects whose checksums differ between two builds (or that only one has).
-fn differing(
+pub fn differing(
     reference: &BTreeMap<String, String>,
     build: &BTreeMap<String, String>,
 ) -> Vec<String> {
@@ -404,7 +413,14 @@ impl Drop for KernelBuild {
 }
 
 /// Compiles a worker's distccd logged as finished since `since` (Unix seconds).
-fn compiles_since(worker: &Worker, since: u64) -> usize {
+pub fn compiles_since(worker: &Worker, since: u64) -> usize {
+    distccd_log_since(worker, since)
+        .matches("COMPILE_OK")
+        .count()
+}
+
+/// distccd's journal since `since` (Unix seconds); empty when unreadable.
+pub fn distccd_log_since(worker: &Worker, since: u64) -> String {
     worker
         .exec_ok(&[
             "journalctl",
@@ -416,13 +432,12 @@ fn compiles_since(worker: &Worker, since: u64) -> usize {
             "--since",
             &format!("@{since}"),
         ])
-        .map(|log| log.matches("COMPILE_OK").count())
-        .unwrap_or(0)
+        .unwrap_or_default()
 }
 
 /// Runs `cmd` in its own process group, output to `log`; kills the whole group (make,
 /// compilers, distcc clients) at `limit`. Returns the wall time and whether it finished.
-fn timed_build(cmd: &mut Command, log: &Path, limit: Duration) -> Result<(Duration, bool)> {
+pub fn timed_build(cmd: &mut Command, log: &Path, limit: Duration) -> Result<(Duration, bool)> {
     let file = std::fs::File::create(log)?;
     cmd.stdin(Stdio::null())
         .stdout(file.try_clone()?)
@@ -457,7 +472,7 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -465,7 +480,7 @@ fn unix_now() -> u64 {
 
 /// `local_slots` and `lzo` from the command line, as builder.toml lines (both the host's
 /// configuration and the build node's get them).
-fn builder_knobs(bench: &Bench) -> String {
+pub fn builder_knobs(bench: &Bench) -> String {
     let mut knobs = String::new();
     if let Some(n) = bench.args.local_slots {
         knobs.push_str(&format!("local_slots = {n}\n"));
@@ -745,7 +760,7 @@ fn parse_scenario(name: &str) -> Result<Scenario> {
 /// After a fault: the victim's distccd may still hold connections of a build that is
 /// gone (and the throttle's processes): restart it, and wait for its agent to see it
 /// serve, so the next run starts from a healthy cluster.
-fn recover(victim: &Worker, icecream: Option<&Icecream>) -> Result<()> {
+pub fn recover(victim: &Worker, icecream: Option<&Icecream>) -> Result<()> {
     victim.exec_ok(&["systemctl", "restart", "distccd"])?;
     if let Some(ice) = icecream {
         ice.restart_daemon(victim)?;
@@ -778,7 +793,7 @@ fn render(
     let case = if baseline == Tool::Raw { 5 } else { 6 };
     let _ = writeln!(
         md,
-        "### Case {case}: Linux 6.1 tinyconfig, `make -j{MAKE_JOBS}`, {} beside `builderctl enter`\n",
+        "### Case {case}: Linux 6.1 tinyconfig, `make -j{MAKE_JOBS}`, {} beside `builderctl enter` (2-core shared bed)\n",
         baseline.label()
     );
     let _ = writeln!(md, "{}\n", run_stamp(bench));
@@ -904,7 +919,7 @@ fn render_user(
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "### Case 8: Linux 6.1 tinyconfig, `make -j{MAKE_JOBS}` in `builderctl enter`, an ordinary user on a build node beside root\n"
+        "### Case 8: Linux 6.1 tinyconfig, `make -j{MAKE_JOBS}` in `builderctl enter`, an ordinary user on a build node beside root (2-core shared bed)\n"
     );
     let _ = writeln!(md, "{}\n", run_stamp(bench));
     let each = |ratios: &[f64]| {

@@ -127,6 +127,12 @@ impl Icecream {
         }
     }
 
+    /// The builder's `iceccd --no-remote` (builder-side work: case 9 puts it in the
+    /// builder's CPU budget).
+    pub fn builder_daemon_pid(&self) -> u32 {
+        self.daemon.id()
+    }
+
     /// The client's environment: nothing beyond finding the local daemon's socket, which
     /// iceccd (as root) makes at /run/icecc/iceccd.socket.
     pub fn client_env(&self, cmd: &mut Command) {

@@ -10,6 +10,7 @@ mod builds;
 mod cases;
 mod doc;
 mod icecream;
+mod miniature;
 mod run;
 mod user_node;
 
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use distcc_testbed::{AgentInstall, Rootfs, Testbed, Worker, agent_config};
+use distcc_testbed::{AgentInstall, MilliCpus, Rootfs, Testbed, Worker, agent_config};
 
 /// Extra packages the workers need for the Ansible baseline (case 1).
 const SSH_PACKAGES: &[&str] = &["openssh-server", "python3"];
@@ -42,6 +43,9 @@ pub enum Case {
     /// 8: kernel builds by an ordinary user on a build node (through the daemon), healthy
     /// and with a worker lost, beside root's `builderctl enter` on the host.
     UserBuilds,
+    /// 9: a cluster in miniature: every node with its own CPU budget, kernel and C++
+    /// builds, raw distcc / icecream / builderctl enter, five scenarios, resumable.
+    Miniature,
 }
 
 impl Case {
@@ -55,7 +59,8 @@ impl Case {
             6 => Case::Icecream,
             7 => Case::Flood,
             8 => Case::UserBuilds,
-            _ => bail!("no case {n}: cases are 1-8"),
+            9 => Case::Miniature,
+            _ => bail!("no case {n}: cases are 1-9"),
         })
     }
 
@@ -69,6 +74,7 @@ impl Case {
             Case::Icecream => 6,
             Case::Flood => 7,
             Case::UserBuilds => 8,
+            Case::Miniature => 9,
         }
     }
 }
@@ -126,6 +132,28 @@ pub struct Args {
     /// The builderctl binary (default: target/release/builderctl, else target/debug).
     #[arg(long)]
     pub builderctl: Option<PathBuf>,
+    /// Case 9: workloads, comma-separated (default kernel,cxx).
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Option<Vec<String>>,
+    /// Case 9: the builder's CPU budget (CPUs, or millicpus with an m: 400m).
+    #[arg(long, default_value = "0.4")]
+    pub builder_cpus: MilliCpus,
+    /// Case 9: each worker's CPU budget (w1, w2, w3).
+    #[arg(long, default_value = "0.4")]
+    pub worker_cpus: MilliCpus,
+    /// Case 9: the slow worker's budget in the slow scenario (w3; restored after).
+    #[arg(long, default_value = "0.08")]
+    pub slow_cpus: MilliCpus,
+    /// Case 9: the second builder's budget (two-builders scenario).
+    #[arg(long, default_value = "0.4")]
+    pub builder2_cpus: MilliCpus,
+    /// Case 9: the store of finished runs (JSON lines); runs stored for this commit are
+    /// skipped and every stored run of it goes into the tables.
+    #[arg(long, default_value = "/var/cache/distcc-testbed/bench-case9.jsonl")]
+    pub store: PathBuf,
+    /// Case 9: ignore the stored runs (they stay in the file).
+    #[arg(long)]
+    pub fresh: bool,
     /// The document to write the tables into.
     #[arg(long, default_value = "docs/BENCHMARKS.md")]
     pub doc: PathBuf,
@@ -248,7 +276,7 @@ fn main() -> Result<()> {
     if with_ssh {
         packages.extend(SSH_PACKAGES);
     }
-    if cases.contains(&Case::Icecream) {
+    if cases.contains(&Case::Icecream) || cases.contains(&Case::Miniature) {
         packages.push("icecc");
     }
     // Case 8 builds the kernel inside the build node container.
@@ -294,7 +322,9 @@ fn main() -> Result<()> {
             Case::Fleet => cases::fleet(&bench),
             Case::Fanout => cases::fanout(&mut bench),
             Case::Flood => cases::flood(&bench),
-            Case::Builds | Case::Icecream | Case::UserBuilds => unreachable!("run below"),
+            Case::Builds | Case::Icecream | Case::UserBuilds | Case::Miniature => {
+                unreachable!("run below")
+            }
         }
         .with_context(|| format!("case {}", case.number()))?;
         publish(&bench, case, &section)?;
@@ -312,6 +342,12 @@ fn main() -> Result<()> {
         for (case, section) in builds::builds(&bench, &build_cases).context("the build cases")? {
             publish(&bench, case, &section)?;
         }
+    }
+    // Last: it boots w1-w3 again, each in its CPU budget.
+    if cases.contains(&Case::Miniature) {
+        tracing::info!("running case 9, the cluster in miniature");
+        let section = miniature::miniature(&mut bench).context("case 9")?;
+        publish(&bench, Case::Miniature, &section)?;
     }
     let workers = std::mem::take(&mut bench.workers);
     drop(workers);

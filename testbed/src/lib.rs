@@ -49,7 +49,7 @@ pub use builder_node::{
     BUILD_GROUP, BUILDER_CONFIG, BUILDER_SERVICE, BUILDER_SOCKET, BUILDER_USER, BuilderInstall,
     BuilderNode, SESSION_SOCKET, SYSTEM_HOSTS_FILE, Spawned, USER_WORKSPACES, builder_node_config,
 };
-pub use cpu::CpuQuota;
+pub use cpu::{CpuBudget, CpuQuota, CpuStat, MilliCpus, prefixed};
 pub use flood::{IdleConnections, process_cpu};
 pub use kernel::{KERNEL_TARBALL, REPRODUCIBLE_BUILD_ENV, kernel_source};
 pub use packages::{REPO_IN_WORKER, build_repository};

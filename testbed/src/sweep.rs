@@ -430,6 +430,7 @@ fn teardown_index(n: u8, dir: Option<&Path>) -> Result<()> {
             }
         }
     }
+    crate::cpu::remove_leftover_budgets(|name| index_of_ns(name) == Some(n));
     // The dead owner's console logs. Only a directory we named: the record is a file in
     // /run that root could have edited, and this is a recursive delete.
     let ours = |d: &&Path| {

@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 use tracing::{debug, info, warn};
 
 use crate::cmd::{self, check, describe, lock, run, run_ok, tail};
+use crate::cpu::{CpuBudget, MilliCpus};
 use crate::rootfs::Rootfs;
 use crate::sweep::{self, Owner, RunLock};
 
@@ -39,6 +40,7 @@ pub struct WorkerSpec {
     bpf: bool,
     /// Capabilities added to nspawn's default bounding set (`--capability=`).
     capabilities: Vec<String>,
+    cpu_budget: Option<MilliCpus>,
 }
 
 impl WorkerSpec {
@@ -51,6 +53,7 @@ impl WorkerSpec {
             binds: Vec::new(),
             bpf: true,
             capabilities: Vec::new(),
+            cpu_budget: None,
         }
     }
 
@@ -86,6 +89,14 @@ impl WorkerSpec {
     /// (systemd drops what the bounding set lacks, silently).
     pub fn capability(mut self, name: impl Into<String>) -> WorkerSpec {
         self.capabilities.push(name.into());
+        self
+    }
+
+    /// Boots the whole container (nspawn, its systemd and every descendant: agent,
+    /// distccd, compilers) inside a host CPU budget of `millis`, the group
+    /// `dcctbN-NAME` (see [`CpuBudget`]); [`Worker::cpu_budget`] reads and changes it.
+    pub fn cpu_budget(mut self, millis: MilliCpus) -> WorkerSpec {
+        self.cpu_budget = Some(millis);
         self
     }
 
@@ -276,6 +287,7 @@ impl Testbed {
             log: bed.dir_path.join(format!("{}.console.log", spec.name)),
             pid1: Mutex::new(0),
             state: Mutex::new(State::Preparing),
+            budget: OnceLock::new(),
             bed: Arc::downgrade(&self.inner),
         });
         lock(&bed.workers).push(Arc::downgrade(&inner));
@@ -443,6 +455,8 @@ struct WorkerInner {
     log: PathBuf,
     pid1: Mutex<i32>,
     state: Mutex<State>,
+    /// Set at boot when the spec asks for one; removed when the worker stops.
+    budget: OnceLock<CpuBudget>,
 }
 
 /// A booted worker: a systemd container in its own network namespace.
@@ -539,9 +553,23 @@ impl WorkerInner {
         sweep::remove_cgroup_tree(&cgroup);
         std::fs::create_dir_all(&cgroup)
             .with_context(|| format!("cannot create cgroup {}", cgroup.display()))?;
+        // The budget's groups too, before nspawn runs: everything the container starts is
+        // born inside them.
+        let mut enter_budget = String::new();
+        if let Some(millis) = spec.cpu_budget {
+            let budget = CpuBudget::create(&self.netns, millis)?;
+            for file in budget.procs_files() {
+                enter_budget.push_str(&format!("echo $$ > '{}' && ", file.display()));
+            }
+            if self.budget.set(budget).is_err() {
+                bail!("worker {} booted twice", self.name);
+            }
+        }
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(format!(
+                r#"{enter_budget}echo $$ > "$0/cgroup.procs" && exec "$@""#
+            ))
             .arg(&cgroup)
             .arg("systemd-nspawn");
         cmd.arg("-q")
@@ -784,6 +812,9 @@ impl WorkerInner {
         if let Some(cgroup) = sweep::machine_cgroup(&self.netns) {
             sweep::remove_cgroup_tree(&cgroup);
         }
+        if let Some(budget) = self.budget.get() {
+            budget.remove();
+        }
         self.teardown_network()?;
         *state = State::Stopped;
         drop(state);
@@ -825,6 +856,12 @@ impl Worker {
     /// The worker's network namespace name, `dcctbN-NAME` (for `ip netns exec`).
     pub fn netns(&self) -> &str {
         &self.inner.netns
+    }
+
+    /// The CPU budget the whole container runs in, when booted with
+    /// [`WorkerSpec::cpu_budget`].
+    pub fn cpu_budget(&self) -> Option<&CpuBudget> {
+        self.inner.budget.get()
     }
 
     /// Runs `argv` inside the container (all of its namespaces, as root, with a clean

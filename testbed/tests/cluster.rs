@@ -367,3 +367,104 @@ fn leftovers_of_a_dead_owner_are_removed() -> Result<()> {
     );
     Ok(())
 }
+
+/// A worker booted with a CPU budget runs entirely inside it: the container's systemd,
+/// the units it starts (in cgroups of its own inside the container) and their children
+/// are held by the host group, and a busy loop in the container is throttled to it.
+#[test]
+fn a_cpu_budget_holds_the_whole_container() -> Result<()> {
+    init_logging();
+    let bed = Testbed::create()?;
+    let millis = distcc_testbed::MilliCpus(200);
+    let w1 = bed.boot_worker(WorkerSpec::new("w1").cpu_budget(millis))?;
+    start_distccd(&w1, &bed.subnet())?;
+    let budget = w1.cpu_budget().context("booted with a budget")?;
+    assert_eq!(budget.get()?, millis);
+
+    let inside = budget.all_pids()?;
+    let pid1 = u32::try_from(w1.pid1())?;
+    assert!(
+        inside.contains(&pid1),
+        "the container's systemd {pid1} in {inside:?}"
+    );
+    let distccd = w1.host_pids_of("distccd")?;
+    assert!(!distccd.is_empty(), "distccd runs");
+    for pid in &distccd {
+        assert!(
+            inside.contains(pid),
+            "distccd {pid} (a unit's process, {}) is in the budget {inside:?}",
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?.replace('\n', " ")
+        );
+    }
+
+    // A unit started by the container's systemd, spinning for 2 s.
+    w1.exec_ok(&["cp", "/bin/sh", "/tmp/busyloop"])?;
+    let (usage0, stat0) = (budget.usage()?, budget.stat()?);
+    let started = Instant::now();
+    let mut spin = w1
+        .command(&[
+            "systemd-run",
+            "--wait",
+            "--quiet",
+            "--unit=busyloop",
+            "timeout",
+            "2",
+            "/tmp/busyloop",
+            "-c",
+            "while :; do :; done",
+        ])?
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let spinner = loop {
+        if let Some(&pid) = w1.host_pids_of("busyloop")?.first() {
+            break pid;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the busy loop never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        budget.all_pids()?.contains(&spinner),
+        "the busy loop {spinner} is in the budget"
+    );
+    spin.wait()?;
+    let wall = started.elapsed();
+    let used = budget.usage()? - usage0;
+    let stat = budget.stat()?;
+    // Generous: the loop must have run, and cannot have had much more than its budget.
+    assert!(
+        used >= Duration::from_millis(100),
+        "used {used:?} in {wall:?}"
+    );
+    assert!(
+        used.as_secs_f64() <= millis.cpus() * wall.as_secs_f64() * 1.5 + 0.1,
+        "used {used:?} in {wall:?} at {millis}"
+    );
+    assert!(
+        stat.nr_throttled >= stat0.nr_throttled + 5,
+        "throttled in {} periods before, {} after",
+        stat0.nr_throttled,
+        stat.nr_throttled
+    );
+    eprintln!(
+        "budget {millis}: busy loop used {used:?} in {wall:?}, throttled {} of {} periods",
+        stat.nr_throttled - stat0.nr_throttled,
+        stat.nr_periods - stat0.nr_periods
+    );
+
+    // The slow scenario's knob: the quota changes live.
+    budget.set(distcc_testbed::MilliCpus(50))?;
+    assert_eq!(budget.get()?, distcc_testbed::MilliCpus(50));
+    let name = budget.name().to_owned();
+    drop(w1);
+    assert!(
+        !Path::new("/sys/fs/cgroup/cpu/distcc-testbed")
+            .join(&name)
+            .exists(),
+        "the budget's group is removed with the worker"
+    );
+    Ok(())
+}
