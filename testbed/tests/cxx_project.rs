@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,12 +15,14 @@ use distcc_testbed::{CXX_OBJECTS, CxxBuild, cxx_source};
 /// Port for the loopback distccd; not distccd's default 3632, which a host may use.
 const PORT: u16 = 3682;
 
-/// Kills the distccd it started (by its pid) when dropped.
+/// Stops the distccd it started when dropped: SIGTERM to its process group, since
+/// SIGKILL to the parent alone leaves its pre-forked children serving (seen here).
 struct Distccd(Child);
 
 impl Drop for Distccd {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
         let _ = self.0.wait();
     }
 }
@@ -81,6 +84,7 @@ fn local_and_distcc_builds_give_identical_objects() -> Result<()> {
             .arg("--log-file")
             .arg(&log)
             .stdin(Stdio::null())
+            .process_group(0)
             .spawn()
             .context("starting distccd")?,
     );
