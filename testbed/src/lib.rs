@@ -30,6 +30,7 @@ mod agent;
 mod builder_node;
 mod cmd;
 mod cpu;
+mod cxx_project;
 mod flood;
 pub mod fuzz_corpus;
 mod kernel;
@@ -50,6 +51,10 @@ pub use builder_node::{
     BuilderNode, SESSION_SOCKET, SYSTEM_HOSTS_FILE, Spawned, USER_WORKSPACES, builder_node_config,
 };
 pub use cpu::{CpuBudget, CpuQuota, CpuStat, MilliCpus, prefixed};
+pub use cxx_project::{
+    CXX_COMPILER, CXX_FLAGS_RELEASE, CXX_OBJECTS, CXX_PACKAGE, CXX_SOURCE_DOWNLOAD, CxxBuild,
+    cxx_launcher, cxx_source, cxx_source_in,
+};
 pub use flood::{IdleConnections, process_cpu};
 pub use kernel::{KERNEL_TARBALL, REPRODUCIBLE_BUILD_ENV, kernel_source};
 pub use packages::{REPO_IN_WORKER, build_repository};
