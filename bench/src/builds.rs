@@ -267,19 +267,7 @@ impl KernelBuild {
     pub fn prepare_in(bench: &Bench, dir: &Path) -> Result<KernelBuild> {
         let source = distcc_testbed::kernel_source()?;
         let dir = dir.to_owned();
-        std::fs::create_dir_all(&dir)?;
-        if !is_mounted(&dir) {
-            let status = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=4G", "distcc-bench-kbuild"])
-                .arg(&dir)
-                .status()
-                .context("mount")?;
-            ensure!(
-                status.success(),
-                "cannot mount a tmpfs on {}",
-                dir.display()
-            );
-        }
+        tmpfs_build_dir(&dir)?;
         let logs = bench.tmp.path().join("build-logs");
         std::fs::create_dir_all(&logs)?;
         Ok(KernelBuild { source, dir, logs })
@@ -343,6 +331,25 @@ impl KernelBuild {
             .context("checksumming the objects")?;
         objects_of(&out, self.dir.join("vmlinux").exists())
     }
+}
+
+/// `dir`, created and with a tmpfs mounted on it unless one is: builds start from memory,
+/// not from whatever the disk is doing.
+pub fn tmpfs_build_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if !is_mounted(dir) {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4G", "distcc-bench-kbuild"])
+            .arg(dir)
+            .status()
+            .context("mount")?;
+        ensure!(
+            status.success(),
+            "cannot mount a tmpfs on {}",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// `bash -c CHECKSUM_OBJECTS checksum DIR`: `SHA256  PATH` of every object file under

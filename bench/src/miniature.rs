@@ -110,27 +110,20 @@ impl Scenario {
 /// build directory), a build command with the compiler wrapper, the object checksums.
 pub enum Workload {
     Kernel(KernelBuild),
-    Cxx(CxxBuild),
-}
-
-/// The C++ project (testbed/src/cxx_project.rs, written on branch `cxx`): until it lands,
-/// this refuses to run, so the kernel path works alone.
-pub struct CxxBuild;
-
-impl CxxBuild {
-    fn prepare(_dir: &Path) -> Result<CxxBuild> {
-        bail!(
-            "the cxx workload needs distcc_testbed::cxx_project (branch cxx), not merged yet: \
-             run --workloads kernel"
-        )
-    }
+    Cxx(distcc_testbed::CxxBuild),
 }
 
 impl Workload {
     fn prepare(bench: &Bench, name: &str, dir: &Path) -> Result<Workload> {
         Ok(match name {
             "kernel" => Workload::Kernel(KernelBuild::prepare_in(bench, dir)?),
-            "cxx" => Workload::Cxx(CxxBuild::prepare(dir)?),
+            "cxx" => {
+                crate::builds::tmpfs_build_dir(dir)?;
+                Workload::Cxx(distcc_testbed::CxxBuild::new(
+                    distcc_testbed::cxx_source()?,
+                    dir.to_owned(),
+                ))
+            }
             other => bail!("no workload {other:?}: kernel, cxx"),
         })
     }
@@ -138,14 +131,14 @@ impl Workload {
     fn label(name: &str) -> &'static str {
         match name {
             "kernel" => "Linux 6.1 tinyconfig",
-            _ => "the C++ project",
+            _ => "abseil 20220623 (C++, CMake, 119 objects)",
         }
     }
 
     fn configure(&self) -> Result<()> {
         match self {
             Workload::Kernel(k) => k.configure(),
-            Workload::Cxx(_) => bail!("cxx workload not available"),
+            Workload::Cxx(c) => c.configure(),
         }
     }
 
@@ -166,19 +159,15 @@ impl Workload {
                     .arg(format!("CC={}", with("gcc")));
                 cmd
             }
-            Workload::Cxx(_) => {
-                let mut cmd = Command::new("make");
-                cmd.arg(format!("-j{jobs}"))
-                    .arg(format!("CXX={}", with("g++")));
-                cmd
-            }
+            // The compiler was fixed at configure time; the wrapper is make's launcher.
+            Workload::Cxx(c) => c.build_command(jobs, &with("g++")),
         }
     }
 
     fn objects(&self) -> Result<BTreeMap<String, String>> {
         match self {
             Workload::Kernel(k) => k.objects(),
-            Workload::Cxx(_) => bail!("cxx workload not available"),
+            Workload::Cxx(c) => c.objects(),
         }
     }
 }

@@ -4,8 +4,8 @@
 //! build directory, with byte-identical objects.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
