@@ -23,6 +23,8 @@ pub struct Icecream {
     scheduler: Child,
     daemon: Child,
     dir: PathBuf,
+    /// A second builder's daemon (case 9's two builders), in that builder's namespace.
+    second: Option<Child>,
 }
 
 impl Icecream {
@@ -68,6 +70,7 @@ impl Icecream {
             scheduler,
             daemon,
             dir,
+            second: None,
         };
         for w in &bench.workers {
             ice.restart_daemon(w)?;
@@ -139,7 +142,61 @@ impl Icecream {
         cmd.env_remove("ICECC_VERSION");
     }
 
+    /// A second builder's `iceccd --no-remote`, in `builder2`'s network namespace and a
+    /// private mount namespace with its own /run/icecc: the client finds its local
+    /// daemon at /run/icecc/iceccd.socket, a path both builders share on this host.
+    /// Returns its pid (for the second builder's budget); run its clients through
+    /// [`Icecream::second_client`].
+    pub fn start_second_builder(&mut self, builder2: &BareHost) -> Result<u32> {
+        self.stop_second_builder();
+        // As for the first: iceccd drops to the icecc user for its environments.
+        let envs = "/var/cache/icecc-builder2";
+        std::fs::create_dir_all(envs)?;
+        let chown = Command::new("chown").args(["icecc:icecc", envs]).status()?;
+        ensure!(chown.success(), "cannot chown {envs} to icecc");
+        let script = format!(
+            "mount -t tmpfs icecc-builder2 /run/icecc && exec iceccd -n {NETNAME} -s {} --no-remote -N builder2 -b {envs} -vv",
+            self.host.ip()
+        );
+        let daemon = builder2
+            .command("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("builder2-iceccd.log"))?)
+            .spawn()
+            .context("starting the second builder's iceccd")?;
+        let pid = daemon.id();
+        self.second = Some(daemon);
+        self.wait_for_logins(["builder2".to_owned()].into_iter())?;
+        Ok(pid)
+    }
+
+    /// Stops the second builder's daemon, if one runs.
+    pub fn stop_second_builder(&mut self) {
+        if let Some(mut second) = self.second.take() {
+            let _ = second.kill();
+            let _ = second.wait();
+        }
+    }
+
+    /// `cmd` run in the second builder's daemon's network and mount namespaces.
+    pub fn second_client(&self, cmd: &Command) -> Result<Command> {
+        let daemon = self
+            .second
+            .as_ref()
+            .context("the second builder's iceccd is not started")?;
+        let mut nsenter = Command::new("nsenter");
+        nsenter
+            .arg("-t")
+            .arg(daemon.id().to_string())
+            .args(["-m", "-n", "--"])
+            .arg(cmd.get_program());
+        Ok(distcc_testbed::prefixed(nsenter, cmd))
+    }
+
     pub fn stop(mut self) {
+        self.stop_second_builder();
         let _ = self.daemon.kill();
         let _ = self.scheduler.kill();
         let _ = self.daemon.wait();

@@ -164,6 +164,12 @@ impl CxxBuild {
             .args([
                 "-DCMAKE_BUILD_TYPE=Release",
                 &format!("-DCMAKE_CXX_FLAGS_RELEASE={CXX_FLAGS_RELEASE}"),
+                // The build directory's path out of the objects, as reproducible builds
+                // do: two builders building in two directories make the same objects.
+                &format!(
+                    "-DCMAKE_CXX_FLAGS=-ffile-prefix-map={}=.",
+                    self.build_dir.display()
+                ),
                 // Tests would need googletest and triple the work.
                 "-DBUILD_TESTING=OFF",
                 "-DABSL_BUILD_TESTING=OFF",
