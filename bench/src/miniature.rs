@@ -30,6 +30,8 @@ use crate::run::{BuilderConfig, median};
 
 /// `make -j` of every distributed build: the workers' slots (3 x 3) and one more.
 const MAKE_JOBS: u32 = 10;
+/// The session's steering log, kept beside each `ours` run's DISTCC_DIR.
+const STEERING_LOG: &str = "steering.log";
 /// Where the two builders build (tmpfs each).
 const BUILD_DIRS: [&str; 2] = ["/tmp/distcc-bench-mini1", "/tmp/distcc-bench-mini2"];
 
@@ -359,7 +361,15 @@ impl Side {
             }
             Tool::Ours => {
                 let inner = self.workload.command(MAKE_JOBS, "distcc");
-                let mut cmd = self.config.command(&["enter", "--"]);
+                // The session's steering log (weighted slots, stragglers redone) outlives
+                // the session: copied next to the run's DISTCC_DIR.
+                let keep = format!(
+                    "\"$@\"; rc=$?; cp \"$DISTCC_DIR/steering.log\" {} 2>/dev/null; exit $rc",
+                    distcc_dir.join(STEERING_LOG).display()
+                );
+                let mut cmd = self
+                    .config
+                    .command(&["enter", "--", "sh", "-c", &keep, "sh"]);
                 cmd.arg(inner.get_program());
                 prefixed(cmd, &inner)
             }
@@ -701,6 +711,26 @@ pub fn miniature(bench: &mut Bench) -> Result<Section> {
                         at: unix_now(),
                     };
                     println!("case 9 run: {}", verify_line(&record, reference.as_deref()));
+                    if tool == Tool::Ours {
+                        for n in 0..builders {
+                            let log = bench
+                                .tmp
+                                .path()
+                                .join(format!("distcc-mini-{serial}-{n}"))
+                                .join(STEERING_LOG);
+                            let text = std::fs::read_to_string(&log).unwrap_or_default();
+                            let count =
+                                |what: &str| text.lines().filter(|l| l.contains(what)).count();
+                            println!(
+                                "case 9 steering, builder {}: {} slot weighings, {} stragglers redone, {} slow cuts ({})",
+                                n + 1,
+                                count("slower:"),
+                                count("straggler:"),
+                                count(": slow: "),
+                                log.display()
+                            );
+                        }
+                    }
                     store.append(record)?;
                 }
             }

@@ -24,8 +24,11 @@ use std::time::Duration;
 
 use crate::snapshot::WorkerSnapshot;
 
-/// How much history one estimate uses.
+/// How much history one estimate of the time per compile uses.
 pub const WINDOW: Duration = Duration::from_secs(20);
+/// How much history one estimate of throughput uses: longer, so that a worker five times
+/// slower than its peers, finishing a compile every 10 s or so, is still measured.
+pub const SPEED_WINDOW: Duration = Duration::from_secs(60);
 /// Compiles that must finish within the window, or still be in flight at its end, for
 /// an estimate.
 pub const MIN_FINISHED: u64 = 3;
@@ -77,15 +80,22 @@ impl PaceTracker {
             }
         }
         self.samples.push_back(sample);
-        let window = micros(WINDOW);
+        let kept = micros(SPEED_WINDOW.max(WINDOW));
         while self
             .samples
             .front()
-            .is_some_and(|s| sample.at_usec - s.at_usec > window)
+            .is_some_and(|s| sample.at_usec - s.at_usec > kept)
         {
             self.samples.pop_front();
         }
-        if let Some(mean) = little(&self.samples) {
+        let window = micros(WINDOW);
+        let recent: VecDeque<Sample> = self
+            .samples
+            .iter()
+            .filter(|s| sample.at_usec - s.at_usec <= window)
+            .copied()
+            .collect();
+        if let Some(mean) = little(&recent) {
             self.estimate = Some((sample.at_usec, mean));
         }
         if let Some(per_compile) = busy_secs_per_compile(&self.samples) {
@@ -114,12 +124,15 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+/// The first and last samples, when they span at least [`MIN_SPAN`].
+fn long_enough(samples: &VecDeque<Sample>) -> Option<(&Sample, &Sample)> {
+    let (first, last) = (samples.front()?, samples.back()?);
+    (last.at_usec - first.at_usec >= micros(MIN_SPAN)).then_some((first, last))
+}
+
 /// Little's law over the samples: ∫ running dt / (finished + still running).
 fn little(samples: &VecDeque<Sample>) -> Option<f64> {
-    let (first, last) = (samples.front()?, samples.back()?);
-    if last.at_usec - first.at_usec < micros(MIN_SPAN) {
-        return None;
-    }
+    let (first, last) = long_enough(samples)?;
     let finished = last.finished - first.finished + u64::from(last.running);
     if finished < MIN_FINISHED {
         return None;
@@ -137,16 +150,13 @@ fn little(samples: &VecDeque<Sample>) -> Option<f64> {
 }
 
 /// A worker's throughput while it has work: the seconds during which at least one compile
-/// was in flight, divided by the compiles that finished in them. Unlike the mean time per compile, this
-/// does not grow with the compiles a worker is given: a worker held to a fifth of a CPU
+/// was in flight, divided by the compiles that finished in them. Unlike the mean time per
+/// compile, this does not grow with the compiles a worker is given: a worker held to a fifth of a CPU
 /// finishes compiles at the same rate with one slot or three, each just waits longer
 /// with three. So it can weigh slots without feeding back on them (fewer slots, shorter
 /// compiles, more slots again): [`speed_share`].
 fn busy_secs_per_compile(samples: &VecDeque<Sample>) -> Option<f64> {
-    let (first, last) = (samples.front()?, samples.back()?);
-    if last.at_usec - first.at_usec < micros(MIN_SPAN) {
-        return None;
-    }
+    let (first, last) = long_enough(samples)?;
     // Only finished compiles: a worker that finishes nothing gets no figure here (its
     // latency, [`little`], is what leaves it out).
     let finished = last.finished - first.finished;
@@ -170,9 +180,9 @@ fn busy_secs_per_compile(samples: &VecDeque<Sample>) -> Option<f64> {
     (busy_secs > 0.0).then(|| busy_secs / finished as f64)
 }
 
-/// Compiles a worker must finish (or hold) within the window before its throughput is
+/// Compiles a worker must finish within [`SPEED_WINDOW`] before its throughput is
 /// compared: more than for [`little`], since one big compile alone says little about speed.
-pub const MIN_FINISHED_FOR_SPEED: u64 = 6;
+pub const MIN_FINISHED_FOR_SPEED: u64 = 4;
 /// A worker gets fewer slots once its busy seconds per compile are at least this many
 /// times the other workers' median; below, job-mix noise could take slots from a
 /// healthy worker.
@@ -339,6 +349,18 @@ mod tests {
         assert!((t3 - 2.0).abs() < 1e-9, "{t3}");
         assert!((t1 - 2.0).abs() < 1e-9, "{t1}");
         assert!(three.mean_job_secs(now).unwrap() > 2.5 * one.mean_job_secs(now).unwrap());
+    }
+
+    #[test]
+    fn a_worker_finishing_a_compile_every_ten_seconds_is_measured() {
+        // Busy throughout, one compile finished every 10 s: too few for the time per
+        // compile's 20 s, enough over the 60 s throughput window.
+        let mut t = PaceTracker::default();
+        for i in 0..=60u32 {
+            t.observe(&status(f64::from(i), u64::from(i / 10), 1));
+        }
+        let secs = t.busy_secs_per_compile(60_000_000).unwrap();
+        assert!((secs - 10.0).abs() < 1e-9, "{secs}");
     }
 
     #[test]
