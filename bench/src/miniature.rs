@@ -722,9 +722,9 @@ pub fn miniature(bench: &mut Bench) -> Result<Section> {
                             let count =
                                 |what: &str| text.lines().filter(|l| l.contains(what)).count();
                             println!(
-                                "case 9 steering, builder {}: {} slot weighings, {} stragglers redone, {} slow cuts ({})",
+                                "case 9 steering, builder {}: {} host-list entries changed (slots weighed), {} stragglers redone, {} slow cuts ({})",
                                 n + 1,
-                                count("slower:"),
+                                count(": in, "),
                                 count("straggler:"),
                                 count(": slow: "),
                                 log.display()
