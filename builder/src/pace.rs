@@ -89,16 +89,12 @@ impl PaceTracker {
             self.samples.pop_front();
         }
         let window = micros(WINDOW);
-        let recent: VecDeque<Sample> = self
-            .samples
-            .iter()
-            .filter(|s| sample.at_usec - s.at_usec <= window)
-            .copied()
-            .collect();
-        if let Some(mean) = little(&recent) {
+        let all = self.samples.make_contiguous();
+        let recent = &all[all.partition_point(|s| sample.at_usec - s.at_usec > window)..];
+        if let Some(mean) = little(recent) {
             self.estimate = Some((sample.at_usec, mean));
         }
-        if let Some(per_compile) = busy_secs_per_compile(&self.samples) {
+        if let Some(per_compile) = busy_secs_per_compile(all) {
             self.capacity = Some((sample.at_usec, per_compile));
         }
     }
@@ -125,37 +121,38 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// The first and last samples, when they span at least [`MIN_SPAN`].
-fn long_enough(samples: &VecDeque<Sample>) -> Option<(&Sample, &Sample)> {
-    let (first, last) = (samples.front()?, samples.back()?);
+fn long_enough(samples: &[Sample]) -> Option<(&Sample, &Sample)> {
+    let (first, last) = (samples.first()?, samples.last()?);
     (last.at_usec - first.at_usec >= micros(MIN_SPAN)).then_some((first, last))
 }
 
 /// Little's law over the samples: ∫ running dt / (finished + still running).
-fn little(samples: &VecDeque<Sample>) -> Option<f64> {
+fn little(samples: &[Sample]) -> Option<f64> {
     let (first, last) = long_enough(samples)?;
     let finished = last.finished - first.finished + u64::from(last.running);
     if finished < MIN_FINISHED {
         return None;
     }
-    let busy_secs: f64 = samples
-        .iter()
-        .zip(samples.iter().skip(1))
-        .map(|(a, b)| {
-            // The count at each end, averaged: the agent samples, it does not integrate.
-            let dt = (b.at_usec - a.at_usec) as f64 / 1e6;
-            dt * f64::from(a.running + b.running) / 2.0
-        })
-        .sum();
+    // The count at each end, averaged: the agent samples, it does not integrate.
+    let busy_secs = integrate(samples, |a, b| f64::from(a.running + b.running) / 2.0);
     Some(busy_secs / finished as f64)
+}
+
+/// ∫ weight dt over consecutive pairs of samples, in seconds.
+fn integrate(samples: &[Sample], weight: impl Fn(&Sample, &Sample) -> f64) -> f64 {
+    samples
+        .windows(2)
+        .map(|pair| (pair[1].at_usec - pair[0].at_usec) as f64 / 1e6 * weight(&pair[0], &pair[1]))
+        .sum()
 }
 
 /// A worker's throughput while it has work: the seconds during which at least one compile
 /// was in flight, divided by the compiles that finished in them. Unlike the mean time per
-/// compile, this does not grow with the compiles a worker is given: a worker held to a fifth of a CPU
-/// finishes compiles at the same rate with one slot or three, each just waits longer
+/// compile, this does not grow with the compiles a worker is given: a worker held to a
+/// fifth of a CPU finishes compiles at the same rate with one slot or three, each just waits longer
 /// with three. So it can weigh slots without feeding back on them (fewer slots, shorter
 /// compiles, more slots again): [`speed_share`].
-fn busy_secs_per_compile(samples: &VecDeque<Sample>) -> Option<f64> {
+fn busy_secs_per_compile(samples: &[Sample]) -> Option<f64> {
     let (first, last) = long_enough(samples)?;
     // Only finished compiles: a worker that finishes nothing gets no figure here (its
     // latency, [`little`], is what leaves it out).
@@ -163,20 +160,13 @@ fn busy_secs_per_compile(samples: &VecDeque<Sample>) -> Option<f64> {
     if finished < MIN_FINISHED_FOR_SPEED {
         return None;
     }
-    let busy_secs: f64 = samples
-        .iter()
-        .zip(samples.iter().skip(1))
-        .map(|(a, b)| {
-            let dt = (b.at_usec - a.at_usec) as f64 / 1e6;
-            // Busy at both samples: the whole gap; at one of them (or a compile finished
-            // between two idle samples): half of it.
-            match (a.running > 0, b.running > 0) {
-                (true, true) => dt,
-                (false, false) if b.finished == a.finished => 0.0,
-                _ => dt / 2.0,
-            }
-        })
-        .sum();
+    // Busy at both samples: the whole gap; at one of them (or a compile finished between
+    // two idle samples): half of it.
+    let busy_secs = integrate(samples, |a, b| match (a.running > 0, b.running > 0) {
+        (true, true) => 1.0,
+        (false, false) if b.finished == a.finished => 0.0,
+        _ => 0.5,
+    });
     (busy_secs > 0.0).then(|| busy_secs / finished as f64)
 }
 
