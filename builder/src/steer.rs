@@ -399,6 +399,13 @@ async fn watch_stragglers(
             continue;
         };
         let pending = loads.borrow().clone();
+        // Nothing to resolve or list on the usual tick, with no worker slow.
+        if !pending
+            .iter()
+            .any(|l| crate::straggler::is_slow(l.slowness))
+        {
+            continue;
+        }
         let mut workers = Vec::with_capacity(pending.len());
         for load in pending {
             if let Some(distccd) = distccd_address(&load.entry).await {

@@ -44,8 +44,14 @@ pub struct WorkerLoad {
 
 impl WorkerLoad {
     fn is_slow(&self) -> bool {
-        self.slowness.is_some_and(|s| s >= STRAGGLER_SLOWNESS)
+        is_slow(self.slowness)
     }
+}
+
+/// Whether a worker this many times slower than the others ([`crate::pace::slowness`])
+/// counts as slow here.
+pub fn is_slow(slowness: Option<f64>) -> bool {
+    slowness.is_some_and(|s| s >= STRAGGLER_SLOWNESS)
 }
 
 /// An established TCP connection of this network namespace, as `ss -e` lists it.
